@@ -1,0 +1,1 @@
+"""umgclip subpackage."""
