@@ -58,26 +58,30 @@ def logits_to_label_map(
 
     ``logits`` (C, h, w) cover the whole model input of ``input_size`` (H_in, W_in) pixels, in
     which the original image occupies ``content_box`` (x0, y0, x1, y1; the rest is padding or,
-    for crops, the box may exceed the input). The logits are upsampled to the input size,
-    the content is cut out and resized to ``out_size`` (H, W); the argmax comes last so class
-    boundaries are interpolated in score space, not as nearest-neighbour blocks.
+    for crops, the box may exceed the input). The logits are upsampled bilinearly to the input
+    size (class boundaries interpolated in score space, not as blocks of feature cells), the
+    argmax is taken there, and the content is cut out and resized to ``out_size`` (H, W) by
+    nearest neighbour. Taking the argmax at input rather than original resolution costs at
+    most one input pixel of boundary precision and saves upsampling 133 score maps to ~0.3 MP
+    per image (the dominant eval cost otherwise).
     """
     h_in, w_in = input_size
     up = F.interpolate(
         logits[None].float(), size=(h_in, w_in), mode="bilinear", align_corners=False
     )
-    # Cut the content out at input resolution (whole pixels) before resizing, so no padding
-    # score is blended into the image's border pixels; parts of the box outside the input
-    # (a centre crop cut them off) repeat the nearest edge.
+    labels = up[0].argmax(dim=0)[None, None].float()
+    # Cut the content out at whole input pixels before resizing, so no padding is read into
+    # the image's border; parts of the box outside the input (a centre crop cut them off)
+    # repeat the nearest edge.
     x0, y0, x1, y1 = (round(v) for v in content_box)
     if x1 <= x0 or y1 <= y0:
         raise ValueError(f"empty content box {content_box}")
     pad = (max(0, -x0), max(0, x1 - w_in), max(0, -y0), max(0, y1 - h_in))
     if any(pad):
-        up = F.pad(up, pad, mode="replicate")
-    crop = up[:, :, y0 + pad[2] : y1 + pad[2], x0 + pad[0] : x1 + pad[0]]
-    full = F.interpolate(crop, size=tuple(out_size), mode="bilinear", align_corners=False)
-    return full[0].argmax(dim=0)
+        labels = F.pad(labels, pad, mode="replicate")
+    crop = labels[:, :, y0 + pad[2] : y1 + pad[2], x0 + pad[0] : x1 + pad[0]]
+    full = F.interpolate(crop, size=tuple(out_size), mode="nearest-exact")
+    return full[0, 0].long()
 
 
 class MeanIoU:
@@ -91,7 +95,9 @@ class MeanIoU:
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         self.num_classes = num_classes
-        self.cm = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
+        self.cm = MulticlassConfusionMatrix(
+            num_classes, ignore_index=ignore_index, validate_args=False
+        )
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add one image (or a batch) of predicted and ground-truth class maps."""
@@ -99,7 +105,11 @@ class MeanIoU:
             raise ValueError(
                 f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ"
             )
-        self.cm.update(pred.reshape(-1).long(), target.reshape(-1).long())
+        pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+        # Input checks done here once instead of torchmetrics' per-call torch.unique scans.
+        if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= self.num_classes):
+            raise ValueError(f"predicted class outside [0, {self.num_classes})")
+        self.cm.update(pred, target)
 
     def compute(self) -> dict[str, Any]:
         """``{"mIoU", "pixel_acc", "num_classes", "iou_per_class"}`` (percent; per-class NaN
