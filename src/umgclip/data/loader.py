@@ -284,19 +284,25 @@ class ShardDataset(IterableDataset):
             if r.kind in cfg.region_kinds and (cfg.include_crowd or not r.iscrowd)
         ]
         boxes = torch.tensor([r.box for r in regions], dtype=torch.float32).reshape(-1, 4)
-        masks = (
-            decode_masks([r.mask for r in regions], s.height, s.width, boxes) if cfg.masks else None
-        )
-        t = self.transform(d.image, boxes, masks, rng=rng, min_visible=cfg.min_visible)
+        t = self.transform(d.image, boxes, None, rng=rng, min_visible=cfg.min_visible)
         keep = t.keep.tolist()
-        out_boxes, out_masks = t.boxes, t.masks
+        out_boxes = t.boxes
         if len(keep) > cfg.max_regions:
             # Keep the largest visible regions: tiny ones carry the least signal per RoI.
             area = (out_boxes[:, 2] - out_boxes[:, 0]) * (out_boxes[:, 3] - out_boxes[:, 1])
             top = torch.argsort(area, descending=True, stable=True)[: cfg.max_regions].sort().values
             keep = [keep[i] for i in top.tolist()]
             out_boxes = out_boxes[top]
-            out_masks = out_masks[top] if out_masks is not None else None
+        out_masks = None
+        if cfg.masks:
+            # Decode only the regions that survived cropping and max_regions (the costly part).
+            sel = [regions[i] for i in keep]
+            full = decode_masks([r.mask for r in sel], s.height, s.width, boxes[keep])
+            out_masks = self.transform.transform_masks(full, t.geometry)
+            nonempty = out_masks.flatten(1).any(1)
+            if not bool(nonempty.all()):
+                keep = [k for k, ok in zip(keep, nonempty.tolist()) if ok]
+                out_boxes, out_masks = out_boxes[nonempty], out_masks[nonempty]
         kept = [regions[i] for i in keep]
         if cfg.caption == "first" or not captions:
             caption = captions[0] if captions else ""

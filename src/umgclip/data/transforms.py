@@ -246,14 +246,7 @@ class RegionTransform:
         ok = (vis_area > 0) & (frac >= min_visible)
         out_masks = None
         if masks is not None:
-            m = masks[ok]
-            if m.shape[0]:
-                mm = self._apply_pixels(
-                    tv_tensors.Mask(m.to(torch.uint8)), g, InterpolationMode.NEAREST, 0
-                )
-                out_masks = mm.as_subclass(torch.Tensor).bool()
-            else:
-                out_masks = torch.zeros((0, H, W), dtype=torch.bool)
+            out_masks = self.transform_masks(masks[ok], g)
             # A region whose mask vanished in resampling has nothing left to pool.
             nonempty = out_masks.flatten(1).any(1)
             idx_ok = ok.nonzero().flatten()
@@ -268,6 +261,15 @@ class RegionTransform:
         return Transformed(
             img, final_boxes, out_masks, keep, g, dropped=int(b.shape[0] - keep.numel())
         )
+
+    def transform_masks(self, masks: torch.Tensor, g: Geometry) -> torch.Tensor:
+        """(K, h, w) masks of the original image -> (K, S, S) bool masks under geometry ``g``."""
+        H, W = g.out_size
+        if masks.shape[0] == 0:
+            return torch.zeros((0, H, W), dtype=torch.bool)
+        m = tv_tensors.Mask(masks.to(torch.uint8))
+        out = self._apply_pixels(m, g, InterpolationMode.NEAREST, 0)
+        return out.as_subclass(torch.Tensor).bool()
 
     def image_only(
         self, image: Image.Image | torch.Tensor, rng: random.Random | None = None
