@@ -8,6 +8,7 @@ Both keep the end token in the last slot when they truncate (C06), encode "" as 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -25,17 +26,24 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
     return out
 
 
+@lru_cache(maxsize=4)
+def _simple_tokenizer(context_length: int):
+    # Reading the BPE merges takes about a second; the tokenizer is stateless apart from its
+    # cache, so models built in one process share it.
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
+
+
 class CLIPBPETokenizer:
     """open_clip's CLIP BPE tokenizer (its vocabulary ships inside open_clip)."""
 
     kind = "open_clip"
 
     def __init__(self, context_length: int = 77, truncate: bool = True) -> None:
-        from open_clip.tokenizer import SimpleTokenizer
-
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2 (start + end), got {context_length}")
-        self._tok = SimpleTokenizer(context_length=context_length)
+        self._tok = _simple_tokenizer(context_length)
         self.context_length = context_length
         self.truncate = truncate
         self.sot_token_id = self._tok.sot_token_id
