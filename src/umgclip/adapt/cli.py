@@ -1,0 +1,40 @@
+"""``umgclip adapt CONFIG.yaml [--set k=v ...]``: parameter-efficient adaptation to a dense task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from umgclip.adapt.config import AdaptConfig
+from umgclip.config import load_config
+
+
+def _run(args: argparse.Namespace) -> int:
+    from umgclip.adapt.train import adapt
+
+    cfg = load_config(AdaptConfig, args.config, args.set)
+    run = adapt(cfg)
+    metrics = json.loads((run / "metrics.json").read_text())
+    keys = [k for k in metrics if k.startswith(("semseg/", "panoptic/"))]
+    keys += ["params/trainable", "params/total", "params/trainable_fraction", "train_seconds"]
+    for k in keys:
+        print(
+            f"{k:32s} {metrics[k]:.4f}"
+            if isinstance(metrics[k], float)
+            else f"{k:32s} {metrics[k]}"
+        )
+    print(f"run folder: {run}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "adapt",
+        help="train Convpass adapters + a semseg/panoptic decoder on a frozen backbone",
+        description="Freeze a UMG-CLIP backbone, insert Convpass adapters, train a task decoder "
+        "(semantic or panoptic segmentation) and evaluate on the val split.",
+    )
+    p.add_argument("config", help="YAML config (see configs/adapt-*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=50")  # fmt: skip
+    p.set_defaults(func=_run)
