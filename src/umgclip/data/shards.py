@@ -283,15 +283,20 @@ def iter_raw_samples(
 
         n = 0
         pending: dict[str, Any] | None = None
-        # group_by_keys yields a sample when the next key starts; hold one back so that the
-        # sample interrupted by a truncation is not passed on as if it were complete.
+        prev_exts: set[str] = set()
+        # group_by_keys yields a sample when the next key starts; hold one back so that a
+        # sample cut short by a truncation is not passed on as if it were complete.
         for group in group_by_keys(files(), keys=base_plus_ext, handler=stop):
             if pending is not None:
+                prev_exts = set(pending) - {"__key__", "__url__"}
                 yield pending_to_raw(pending, path)
                 n += 1
             pending = group
         if pending is not None:
-            if errors:
+            exts = set(pending) - {"__key__", "__url__"}
+            # Members that were read are complete (a failed member is never yielded); the last
+            # sample is incomplete when it lacks member types its predecessor had.
+            if errors and exts < prev_exts:
                 skips.add("truncated_member", str(pending.get("__key__")), f"in {path}")
             else:
                 yield pending_to_raw(pending, path)
