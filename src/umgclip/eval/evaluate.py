@@ -228,7 +228,7 @@ def tagging_group(ctx: EvalContext) -> dict[str, float]:
     return tagging_map(p["image_emb"] @ cls.T, p["thing_labels"])
 
 
-def _dense_pre(model: torch.nn.Module) -> Any:
+def dense_preprocess(model: torch.nn.Module) -> Any:
     """The model's preprocessing with the whole image kept (resize longest side + pad): region
     and pixel tasks must see every box and pixel, which a centre crop would cut off."""
     import dataclasses
@@ -240,7 +240,7 @@ def _dense_pre(model: torch.nn.Module) -> Any:
 def regions_group(ctx: EvalContext) -> dict[str, float]:
     """Classify every non-crowd ground-truth thing box (encode_boxes) and mask (encode_masks)
     among the 80 thing classes; top-1/top-5 accuracy."""
-    pre = _dense_pre(ctx.model)
+    pre = dense_preprocess(ctx.model)
     cls = ctx.class_embeddings([n for _, n in COCO_THINGS])
     thing_index = {cid: i for i, (cid, _) in enumerate(COCO_THINGS)}
     box_scores, mask_scores, box_t, mask_t = [], [], [], []
@@ -303,7 +303,7 @@ def predict_label_map(
     ctx: EvalContext, images: Sequence[Any], class_emb: torch.Tensor
 ) -> list[torch.Tensor]:
     """Zero-shot class map (H, W) at each original image's resolution from encode_dense."""
-    pre = _dense_pre(ctx.model)
+    pre = dense_preprocess(ctx.model)
     prepped = [prepare(im, pre) for im in images]
     x = torch.stack([p.image for p in prepped]).to(ctx.device)
     with ctx.autocast():
