@@ -8,7 +8,7 @@ the ORIGINAL image: backends undo their own resizing and padding before returnin
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,7 +51,7 @@ class Detections:
         return Detections(self.boxes[idx], self.scores[idx], [self.labels[i] for i in idx])
 
 
-class Annotator(ABC):
+class Annotator:
     """Base of every annotator: a name recorded as the ``source`` of what it produces."""
 
     #: Written into ``Region.source`` / ``Sample.source["annotators"]``.

@@ -36,13 +36,6 @@ RULES: tuple[str, ...] = (
 )
 
 
-class FilterCounts(Counter):
-    """Dropped items per rule, plus ``kept_regions`` / ``kept_captions``."""
-
-    def as_dict(self) -> dict[str, int]:
-        return {r: int(self.get(r, 0)) for r in (*RULES, "kept_regions", "kept_captions")}
-
-
 def clip_boxes(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """Clip xyxy boxes to the image; returns (clipped boxes, valid mask). A box is invalid when
     a coordinate is NaN/inf or nothing of positive area is left inside the image (C17)."""
@@ -124,6 +117,8 @@ def filter_masks(
     """Mask quality: drop empty masks, masks below ``min_mask_area_frac`` of the image, and
     masks filling less than ``min_mask_fill`` of their box. Returns kept indices."""
     counts = counts if counts is not None else Counter()
+    if len(masks) == 0:
+        return np.zeros(0, dtype=np.int64)
     m = np.asarray(masks, dtype=bool).reshape(-1, height, width)
     b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     area = m.reshape(len(m), -1).sum(axis=1).astype(np.float64)

@@ -50,10 +50,10 @@ def crop_boxes(image: Image.Image, boxes: np.ndarray, min_side: int = 2) -> list
     w, h = image.size
     crops = []
     for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float32).reshape(-1, 4):
-        l, t = int(np.floor(max(0.0, x0))), int(np.floor(max(0.0, y0)))
+        x_lo, t = int(np.floor(max(0.0, x0))), int(np.floor(max(0.0, y0)))
         r, b = int(np.ceil(min(float(w), x1))), int(np.ceil(min(float(h), y1)))
-        r, b = max(r, min(w, l + min_side)), max(b, min(h, t + min_side))
-        crops.append(image.crop((l, t, r, b)))
+        r, b = max(r, min(w, x_lo + min_side)), max(b, min(h, t + min_side))
+        crops.append(image.crop((x_lo, t, r, b)))
     return crops
 
 
