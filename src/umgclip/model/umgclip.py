@@ -101,7 +101,7 @@ class UMGCLIP(nn.Module):
     # ------------------------------------------------------------------ encoders
     def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """``(B,3,H,W)`` normalised images -> ``(B,D)``."""
-        pooled, _ = self.image_tower.forward_features(x)
+        pooled = self.image_tower.forward_pooled(x)
         return _normalize(self.image_tower.head(pooled), normalize)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -25,6 +25,10 @@ class ImageTower(nn.Module):
         """``(B,3,H,W)`` -> pooled ``(B,C)`` and dense ``(B,C,h,w)``, both before the head."""
         raise NotImplementedError
 
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Only the pooled ``(B,C)`` pre-head feature (towers may skip dense-map work)."""
+        return self.forward_features(x)[0]
+
     def head(self, feats: torch.Tensor) -> torch.Tensor:
         """Final norm + projection on channel-last features ``(...,C)`` -> ``(...,D)``."""
         raise NotImplementedError
@@ -34,8 +38,7 @@ class ImageTower(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled, _ = self.forward_features(x)
-        return self.head(pooled)
+        return self.head(self.forward_pooled(x))
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:

@@ -106,6 +106,9 @@ class OpenCLIPVisionTower(ImageTower):
         tokens = self.forward_tokens(x)
         return tokens[:, 0], self._to_map(tokens[:, 1:])
 
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x)[:, 0]
+
     def head(self, feats: torch.Tensor) -> torch.Tensor:
         out = self.visual.ln_post(feats)
         return out @ self.visual.proj if self.visual.proj is not None else out
