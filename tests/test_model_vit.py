@@ -241,3 +241,38 @@ def test_wrong_image_size_is_clear_error():
         model.encode_image(torch.randn(1, 3, 96, 96))
     with pytest.raises(ValueError, match=r"\(B,3,H,W\)"):
         model.encode_image(torch.randn(3, 64, 64))
+
+
+def test_registry_and_tokenizer_from_folder(tmp_path):
+    assert {"umg-lite", "umg-vit-b16", "umg-vit-l14", "umg-vit-tiny"} <= set(umgclip.list_models())
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        umgclip.create_model("nope")
+    with pytest.raises(CheckpointError, match="neither"):
+        umgclip.create_model(TINY, pretrained=tmp_path / "missing.pt")
+    _tiny().save_pretrained(tmp_path / "m")
+    tok = umgclip.get_tokenizer(str(tmp_path / "m"))
+    assert tok.context_length == 32 and tok(["a"]).shape == (1, 32)
+
+
+@pytest.mark.parametrize("mode", ["shortest", "longest", "squash"])
+def test_preprocess_modes(mode):
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from umgclip.model.preprocess import build_preprocess
+
+    pre_cfg = dataclasses.replace(get_model_config(TINY).preprocess, resize_mode=mode)
+    pre = build_preprocess(pre_cfg)
+    rgba = Image.fromarray(np.full((50, 100, 4), 200, np.uint8), "RGBA")  # wide, with alpha
+    out = pre(rgba)
+    assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+    mean, std = torch.tensor(pre_cfg.mean), torch.tensor(pre_cfg.std)
+    value = (200 / 255 - mean) / std
+    if mode == "longest":
+        # Resized to 64x32 at the top; the padding below holds the normalised fill (0).
+        torch.testing.assert_close(out[:, :32].mean((1, 2)), value, atol=1e-3, rtol=0)
+        torch.testing.assert_close(out[:, 33:].mean((1, 2)), -mean / std, atol=1e-5, rtol=0)
+    else:
+        torch.testing.assert_close(out.mean((1, 2)), value, atol=1e-3, rtol=0)
