@@ -38,3 +38,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=50")  # fmt: skip
     p.set_defaults(func=_run)
+
+
+def run_predict_panoptic(args: argparse.Namespace) -> int:
+    """``umgclip predict ADAPTED_DIR IMAGE --task panoptic --out overlay.png`` (called by the
+    eval area's predict command): panoptic segments + an overlay with a legend."""
+    from pathlib import Path
+
+    from umgclip.adapt.model import load_adapted
+    from umgclip.adapt.panoptic_inference import draw_panoptic, predict_panoptic
+    from umgclip.data.images import load_image
+
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "adapted.json").is_file() and (ckpt / "adapted" / "adapted.json").is_file():
+        ckpt = ckpt / "adapted"  # an adapt run folder
+    model = load_adapted(ckpt, device=getattr(args, "device", "cpu"))
+    image = load_image(args.image)
+    pred = predict_panoptic(model, image)
+    out = draw_panoptic(image, pred, args.out)
+    result = {"image": str(args.image), "segments": pred.segments}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    for s in sorted(pred.segments, key=lambda s: -s["area"]):
+        print(f"  {s['name']:<24} score {s['score']:.3f}  area {s['area']}")
+    print(f"overlay: {out}")
+    return 0

@@ -142,10 +142,10 @@ def train_steps(
                 "lr": _lr_at(step, tc),
                 "time_s": round(time.perf_counter() - t0, 2),
             }
-            rec.update({k: float(v) for k, v in parts.items()})
+            rec.update({k: float(v.detach()) for k, v in parts.items()})
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
-            log.info("adapt step %d/%d loss %.4f", step, tc.steps, float(loss))
+            log.info("adapt step %d/%d loss %.4f", step, tc.steps, losses[-1])
     return losses
 
 
