@@ -59,6 +59,12 @@ def run_predict(args: argparse.Namespace) -> int:
     from umgclip.eval.overlay import draw_prediction
     from umgclip.eval.predict import parse_labels, predict, read_boxes
 
+    if getattr(args, "task", "open") == "panoptic":  # adapted panoptic model (umgclip.adapt)
+        from umgclip.adapt.cli import run_predict_panoptic
+
+        return run_predict_panoptic(args)
+    if not args.labels:
+        raise SystemExit("predict: --labels is required (except with --task panoptic)")
     labels = parse_labels(args.labels)
     boxes = read_boxes(args.boxes) if args.boxes else None
     image = load_image(args.image)
@@ -96,7 +102,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q = subparsers.add_parser("predict", help="tags, labelled boxes and segmentation of an image")
     q.add_argument("checkpoint", help="saved model folder (or a training run folder)")
     q.add_argument("image")
-    q.add_argument("--labels", required=True, help='comma-separated vocabulary, e.g. "cat,dog,sky"')
+    q.add_argument("--labels", default=None, help='comma-separated vocabulary, e.g. "cat,dog,sky"')
+    q.add_argument(
+        "--task",
+        choices=("open", "panoptic"),
+        default="open",
+        help="panoptic: CHECKPOINT is an adapted panoptic model (umgclip adapt output)",
+    )
     q.add_argument("--boxes", default=None, help="JSON list of [x0,y0,x1,y1] in image pixels")
     q.add_argument("--out", required=True, help="overlay PNG (the JSON goes next to it)")
     q.add_argument("--device", default="cpu")
