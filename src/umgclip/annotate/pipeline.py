@@ -403,7 +403,8 @@ class RayExecutor:
             return []
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        ds = ray.data.from_items([it.to_row() for it in items])
+        blocks = max(1, -(-len(items) // self.cfg.batch_size))
+        ds = ray.data.from_items([it.to_row() for it in items], override_num_blocks=blocks)
         cfg_dict = to_dict(self.cfg)
         for slot in self.slots or ["tagger"]:
             n = self.cfg.ray.slot_concurrency.get(slot, self.cfg.ray.concurrency)
