@@ -174,3 +174,18 @@ def test_bn_statistics_frozen_in_training(lite):
     before = bn.running_mean.clone()
     model.encode_image(torch.randn(2, 3, 64, 64) * 3 + 1)
     assert not bn.training and torch.equal(bn.running_mean, before)
+
+
+def test_every_parameter_gets_a_gradient():
+    """No trainable parameter is left out of the training outputs (DDP's unused-parameter
+    error, C15): e.g. BERT's [CLS] pooler is removed since mean pooling never uses it."""
+    cfg = get_model_config("umg-lite")
+    model = build_model(cfg, init_weights=False).train()
+    ids = model.tokenizer(["a dog", "a cat"])
+    out = model.forward_train(
+        torch.randn(2, 3, 96, 96), [torch.tensor([[0.0, 0.0, 50.0, 50.0]])] * 2
+    )
+    loss = out["image"].sum() + out["regions"].sum() + model.encode_text(ids).sum()
+    (loss + model.logit_scale_value()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []

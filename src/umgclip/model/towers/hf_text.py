@@ -66,6 +66,10 @@ class HFTextTower(TextTower):
             self.encoder = AutoModel.from_config(hf_cfg)
         else:
             raise ValueError(f"text.weights must be 'package' or 'none', got {cfg.weights!r}")
+        if getattr(self.encoder, "pooler", None) is not None:
+            # BERT's pooler ([CLS] dense + tanh) is not part of mean pooling: left in, it would
+            # be trainable parameters no loss touches (DDP's unused-parameter error, C15).
+            self.encoder.pooler = None
         max_pos = getattr(self.encoder.config, "max_position_embeddings", None)
         if max_pos is not None and cfg.context_length > max_pos:
             raise ValueError(
