@@ -539,7 +539,7 @@ def _write_chunk(
             w.write_members(sample.key, members)
             entry["keys"].append(sample.key)
             counts.update(it.state.get("counts", {}))
-            counts["kept_regions"] += len(sample.regions)
+            counts["kept_regions"] += len(it.state.get("regions", []))  # new ones only
             timing.update(it.state.get("timing", {}))
         shards = w.close()
     entry["shards"] = [p.name for p in shards]
