@@ -129,6 +129,7 @@ def bench(args: argparse.Namespace) -> dict:
         ]
         return x, tok(caps)
 
+    load_start = os.getloadavg()[0]
     peak = matmul_peak_gflops()
     x, ids = batch(args.batch)
     xs, ids_s = batch(2)
@@ -188,6 +189,8 @@ def bench(args: argparse.Namespace) -> dict:
         r["gflops_per_s"] = r["flops"] / r["step_s"] / 1e9
         r["peak_fraction"] = r["gflops_per_s"] / peak
     return {
+        "load_average_1min_start": load_start,
+        "load_average_1min_end": os.getloadavg()[0],
         "model": args.model,
         "batch": args.batch,
         "image_size": size,
@@ -201,7 +204,9 @@ def bench(args: argparse.Namespace) -> dict:
 def render(res: dict) -> str:
     lines = [
         f"model {res['model']}, {res['image_size']} px, batch {res['batch']}, bf16 autocast, "
-        f"{res['threads']} threads; bf16 matmul peak {res['bf16_matmul_peak_gflops']:.0f} GFLOP/s",
+        f"{res['threads']} threads; bf16 matmul peak {res['bf16_matmul_peak_gflops']:.0f} GFLOP/s; "
+        f"machine load average {res['load_average_1min_start']:.1f} -> "
+        f"{res['load_average_1min_end']:.1f} (2 cores: > 2 means other work shared the CPU)",
         "",
         "| variant | step (s) | speed-up vs open_clip | image tower fwd+bwd (s) | speed-up "
         "| GFLOP/s | of peak |",
