@@ -24,7 +24,15 @@ def draw_prediction(
     """Draw one prediction (from :func:`umgclip.eval.predict.predict`) on ``ax`` or into
     ``out`` (PNG). Colours are per label, shared by the segmentation, boxes and legend."""
     labels = result["labels"]
-    colors = distinct_colors(len(labels))
+    # Colours go to the labels actually shown (largest segments first, then box labels), so a
+    # 133-class vocabulary still gets 20 clearly distinct colours where it matters.
+    shown = list(result.get("segmentation", {}))
+    shown += [b["label"] for b in result.get("boxes", []) if b.get("label") not in (None, *shown)]
+    palette = distinct_colors(20)
+    colors = np.full((len(labels), 3), 0.5)
+    for rank, lab in enumerate(dict.fromkeys(shown)):
+        if lab in labels:
+            colors[labels.index(lab)] = palette[rank] if rank < 20 else (0.5, 0.5, 0.5)
     rgb = np.asarray(image.convert("RGB"), dtype=float) / 255.0
     seg = colors[label_map]
     canvas = (1 - alpha) * rgb + alpha * seg

@@ -65,12 +65,15 @@ def predict(
     boxes: Sequence[Sequence[float]] | None = None,
     cfg: EvalConfig | None = None,
     top_k: int = 5,
+    ctx: EvalContext | None = None,
 ) -> Prediction:
     """Tags (softmax over ``labels`` at the model's logit scale, plus cosine), a label per box
-    (encode_boxes) and a per-pixel label map (encode_dense), for one RGB image."""
+    (encode_boxes) and a per-pixel label map (encode_dense), for one RGB image. Pass the same
+    ``ctx`` for several images to encode the label prompts only once."""
     labels = list(labels)
     model.eval()
-    ctx = EvalContext(model=model, shards=[], cfg=cfg or EvalConfig())
+    if ctx is None or ctx.model is not model:
+        ctx = EvalContext(model=model, shards=[], cfg=cfg or EvalConfig())
     cls = ctx.class_embeddings(labels)
     scale = float(model.logit_scale_value().detach())
     pre = model.preprocess_cfg
