@@ -90,6 +90,9 @@ def test_conv_bypass_identity_at_step0_cnn():
     _perturb_adapters(m)
     with torch.no_grad():
         assert not torch.allclose(m(x), ref)
+    m2 = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    info2 = add_adapters(m2, AdapterConfig(hidden=4, cnn_skip_stages=2), probe_size=64)
+    assert info2.n_adapters == len(m2.blocks) - 2 and info2.trainable < info.trainable
 
 
 # ------------------------------------------------------------------ matcher, losses, inference

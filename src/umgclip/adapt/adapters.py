@@ -141,8 +141,9 @@ def add_adapters(
         kind = "conv_bypass"
         blocks = _find_cnn_blocks(tower)
         bypasses = nn.ModuleList()
-        for b, shape in zip(blocks, _probe_cnn_blocks(tower, blocks, probe_size)):
-            if shape is None:
+        shapes = _probe_cnn_blocks(tower, blocks, probe_size)
+        for i, (b, shape) in enumerate(zip(blocks, shapes)):
+            if shape is None or i < cfg.cnn_skip_stages:
                 continue
             c_in, c_out, stride = shape
             bypasses.append(ConvBypass(c_in, c_out, cfg.hidden, stride, cfg.scale))

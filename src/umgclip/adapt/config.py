@@ -12,6 +12,9 @@ class AdapterConfig:
 
     hidden: int = 8
     scale: float = 0.1
+    # CNN towers only: leave the first N stages without a bypass. Backpropagating through the
+    # high-resolution early stages dominates a CPU step; 0 = a bypass on every stage.
+    cnn_skip_stages: int = 0
 
 
 @dataclass

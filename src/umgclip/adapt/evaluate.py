@@ -49,9 +49,10 @@ def _gt_pairs(it: PanopticItem, void: int) -> torch.Tensor:
 def evaluate_adapted(
     model: Any, items: list[PanopticItem], batch_size: int = 8, precision: str = "bf16"
 ) -> dict[str, float]:
-    """Flat metrics dict. semseg runs: ``semseg/mIoU_adapted`` (+ ``_seen``/``_unseen``) and
-    ``semseg/mIoU_zeroshot``; panoptic runs: ``panoptic/PQ|SQ|RQ`` (ensemble as configured),
-    ``panoptic/PQ_invocab`` and ``panoptic/PQ_openvocab``, each also ``_seen``/``_unseen``."""
+    """Flat metrics dict (fractions in [0, 1]). semseg: ``semseg/mIoU_adapted`` and
+    ``semseg/mIoU_zeroshot``; panoptic: ``panoptic/PQ|SQ|RQ`` (ensemble as configured),
+    ``panoptic/PQ_invocab`` and ``panoptic/PQ_openvocab``. With held-out classes each also comes
+    as ``_seen``/``_unseen``; panoptic ``_seen`` is always reported."""
     if not items:
         raise ValueError("evaluate_adapted: no items")
     model.eval()
@@ -80,13 +81,12 @@ def evaluate_adapted(
         a, z = adapted.compute(), zeroshot.compute()
         iou_a = [v / 100 for v in a["iou_per_class"]]
         iou_z = [v / 100 for v in z["iou_per_class"]]
-        out.update({
-            "semseg/mIoU_adapted": a["mIoU"] / 100,
-            "semseg/mIoU_zeroshot": z["mIoU"] / 100,
-            "semseg/mIoU_adapted_seen": _subset_miou(iou_a, seen),
-            "semseg/mIoU_adapted_unseen": _subset_miou(iou_a, unseen),
-            "semseg/mIoU_zeroshot_unseen": _subset_miou(iou_z, unseen),
-        })  # fmt: skip
+        out["semseg/mIoU_adapted"] = a["mIoU"] / 100
+        out["semseg/mIoU_zeroshot"] = z["mIoU"] / 100
+        if unseen:  # hold-out runs: seen / unseen split of the same per-class IoUs
+            out["semseg/mIoU_adapted_seen"] = _subset_miou(iou_a, seen)
+            out["semseg/mIoU_adapted_unseen"] = _subset_miou(iou_a, unseen)
+            out["semseg/mIoU_zeroshot_unseen"] = _subset_miou(iou_z, unseen)
         return out
     things = [i for i in range(k) if vocab.is_thing[i]]
     stuffs = [i for i in range(k) if not vocab.is_thing[i]]
