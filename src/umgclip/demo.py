@@ -375,6 +375,11 @@ def run_demo(args: argparse.Namespace) -> int:
             results[name].append(m)
             run_dirs[name].append(run_dir)
             finals.setdefault(name, final)
+        # A partial report after every seed: a long demo shows its figures as they come.
+        done = args.seeds[: len(results["umg"])]
+        curves_figure(run_dirs, out / "curves.png")
+        write_report(out, list(done), results, [], timings, index)
+        _say(f"partial report for seed(s) {done}: {out / 'report.md'}")
     t0 = time.perf_counter()
     curves_figure(run_dirs, out / "curves.png")
     rows = overlays(finals, shards, out / "overlays", args.fresh)

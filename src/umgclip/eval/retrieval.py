@@ -79,9 +79,9 @@ def retrieval_recall(
     t2i_hits = _hits_at_k(sim.T, rel_i2t.T, ks, chunk)
     out: dict[str, float] = {}
     for k in ks:
-        out[f"i2t_R@{k}"] = 100.0 * i2t[k].float().mean().item()
+        out[f"i2t_R@{k}"] = 100.0 * int(i2t[k].sum()) / n
     for k in ks:
-        out[f"t2i_R@{k}"] = 100.0 * t2i_hits[k].float().mean().item()
+        out[f"t2i_R@{k}"] = 100.0 * int(t2i_hits[k].sum()) / m
     out["num_images"] = n
     out["num_captions"] = m
     return out
