@@ -170,12 +170,18 @@ def test_pq_on_hand_worked_example():
     pr = torch.tensor([[1, 1, 3, 2], [1, 1, 3, 2], [3, 3, 3, 3], [3, 3, 3, 3]])
     segs = [{"id": 1, "category": 0}, {"id": 2, "category": 0}, {"id": 3, "category": 2}]
     m = PanopticMeter(things=[0, 1], stuffs=[2])
-    m.update(panoptic_to_pairs(pr, segs, m.void), panoptic_to_pairs(gt, segs, m.void))
+    m.update(panoptic_to_pairs(pr, segs, m.unpredicted), panoptic_to_pairs(gt, segs, m.void))
     r = m.compute()
     assert r["n"] == 2
     assert r["PQ"] == pytest.approx(0.65) and r["SQ"] == pytest.approx(0.9)
     assert r["RQ"] == pytest.approx(0.75)
     assert m.compute([2])["PQ"] == pytest.approx(0.8)
+    # Predicting nothing: every ground-truth segment is a false negative (COCO), PQ 0, not NaN.
+    empty = PanopticMeter(things=[0, 1], stuffs=[2])
+    nothing = panoptic_to_pairs(torch.zeros_like(pr), [], empty.unpredicted)
+    empty.update(nothing, panoptic_to_pairs(gt, segs, empty.void))
+    assert empty.compute() == {"PQ": 0.0, "SQ": 0.0, "RQ": 0.0, "n": 2}
+    assert int(empty.metric.false_negatives.sum()) == 3
 
 
 def test_geometric_ensemble_math():

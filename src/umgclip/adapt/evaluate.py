@@ -105,7 +105,7 @@ def evaluate_adapted(
             for r, it in zip(results, batch):
                 h, w = it.content
                 m.update(
-                    panoptic_to_pairs(r.segmentation[:h, :w].cpu(), r.segments, m.void),
+                    panoptic_to_pairs(r.segmentation[:h, :w].cpu(), r.segments, m.unpredicted),
                     _gt_pairs(it, m.void),
                 )
     main = "openvocab" if model.cfg.inference.open_vocab else "invocab"

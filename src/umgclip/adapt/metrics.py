@@ -32,11 +32,12 @@ class MeanIoU:
         return float(iou.nanmean()) if torch.isfinite(iou).any() else float("nan")
 
 
-def panoptic_to_pairs(seg: torch.Tensor, segments: list[dict], void_category: int) -> torch.Tensor:
+def panoptic_to_pairs(seg: torch.Tensor, segments: list[dict], fill_category: int) -> torch.Tensor:
     """(H,W) segment ids + segment dicts -> (H,W,2) (category, instance id) for torchmetrics.
-    Pixels of id 0 or of unknown segments become ``(void_category, 0)``."""
+    Pixels of id 0 or of unknown segments become ``(fill_category, 0)``: the meter's ``void`` for
+    ground truth, its ``unpredicted`` pseudo-class for predictions (see :class:`PanopticMeter`)."""
     out = torch.zeros((*seg.shape, 2), dtype=torch.long)
-    out[..., 0] = void_category
+    out[..., 0] = fill_category
     for s in segments:
         m = seg == s["id"]
         out[m, 0] = int(s["category"])
@@ -49,10 +50,15 @@ class PanopticMeter:
 
     def __init__(self, things: list[int], stuffs: list[int]):
         self.things, self.stuffs = sorted(things), sorted(stuffs)
-        self.void = max(self.things + self.stuffs) + 1
+        # torchmetrics skips a ground-truth segment that is mostly *void in the prediction*
+        # (COCO's panopticapi counts it as a false negative): a model that predicts nothing would
+        # get no FN at all. Unpredicted pixels therefore get their own pseudo stuff class
+        # ``unpredicted``, which COCO semantics need and which is left out of every mean.
+        self.unpredicted = max(self.things + self.stuffs) + 1
+        self.void = self.unpredicted + 1
         self.metric = PanopticQuality(
-            self.things, self.stuffs, return_sq_and_rq=True, return_per_class=True,
-            allow_unknown_preds_category=True,
+            self.things, [*self.stuffs, self.unpredicted], return_sq_and_rq=True,
+            return_per_class=True, allow_unknown_preds_category=True,
         )  # fmt: skip
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -62,11 +68,11 @@ class PanopticMeter:
     def compute(self, subset: list[int] | None = None) -> dict[str, float]:
         """Mean PQ/SQ/RQ over the classes seen in ground truth or predictions (or ``subset``)."""
         per = self.metric.compute()  # (C, 3) in sorted(things + stuffs) order
-        cats = sorted(self.things + self.stuffs)
+        cats = sorted([*self.things, *self.stuffs, self.unpredicted])
         stats = self.metric
-        # torchmetrics counts per class; classes with no TP+FP+FN are excluded, as in COCO.
+        # Classes with no TP+FP+FN are excluded, as in COCO; so is the pseudo-class.
         present = (stats.true_positives + stats.false_positives + stats.false_negatives) > 0
-        keep = present.clone()
+        keep = present & torch.tensor([c != self.unpredicted for c in cats])
         if subset is not None:
             sub = set(subset)
             keep &= torch.tensor([c in sub for c in cats])
