@@ -57,7 +57,7 @@ def main() -> None:
     print(f"held out: {', '.join(cfg.data.holdout_classes)}")
     print(f"{'':24s} {'PQ seen':>8s} {'PQ unseen':>10s}")
     for name, s, u in rows:
-        print(f"{name:24s} {100 * m[s]:8.2f} {100 * m[u]:10.2f}")
+        print(f"{name:24s} {m[s]:8.2f} {m[u]:10.2f}")  # percent
     summary = {"holdout": cfg.data.holdout_classes, **{k: m[k] for r in rows for k in r[1:]}}
     (run / "holdout_summary.json").write_text(json.dumps(summary, indent=1))
 

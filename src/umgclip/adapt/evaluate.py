@@ -49,7 +49,7 @@ def _gt_pairs(it: PanopticItem, void: int) -> torch.Tensor:
 def evaluate_adapted(
     model: Any, items: list[PanopticItem], batch_size: int = 8, precision: str = "bf16"
 ) -> dict[str, float]:
-    """Flat metrics dict (fractions in [0, 1]). semseg: ``semseg/mIoU_adapted`` and
+    """Flat metrics dict, in percent like ``umgclip eval``. semseg: ``semseg/mIoU_adapted`` and
     ``semseg/mIoU_zeroshot``; panoptic: ``panoptic/PQ|SQ|RQ`` (ensemble as configured),
     ``panoptic/PQ_invocab`` and ``panoptic/PQ_openvocab``. With held-out classes each also comes
     as ``_seen``/``_unseen``; panoptic ``_seen`` is always reported."""
@@ -79,10 +79,10 @@ def evaluate_adapted(
                     )
                     meter.update(up[0, :, :h, :w].argmax(0).cpu(), gt)
         a, z = adapted.compute(), zeroshot.compute()
-        iou_a = [v / 100 for v in a["iou_per_class"]]
-        iou_z = [v / 100 for v in z["iou_per_class"]]
-        out["semseg/mIoU_adapted"] = a["mIoU"] / 100
-        out["semseg/mIoU_zeroshot"] = z["mIoU"] / 100
+        iou_a = a["iou_per_class"]
+        iou_z = z["iou_per_class"]
+        out["semseg/mIoU_adapted"] = a["mIoU"]
+        out["semseg/mIoU_zeroshot"] = z["mIoU"]
         if unseen:  # hold-out runs: seen / unseen split of the same per-class IoUs
             out["semseg/mIoU_adapted_seen"] = _subset_miou(iou_a, seen)
             out["semseg/mIoU_adapted_unseen"] = _subset_miou(iou_a, unseen)
@@ -114,8 +114,8 @@ def evaluate_adapted(
             if sub == "_unseen" and not unseen:
                 continue
             r = m.compute(cls)
-            out[f"panoptic/PQ_{name}{sub}"] = r["PQ"]
+            out[f"panoptic/PQ_{name}{sub}"] = 100 * r["PQ"]
             if name == main:
                 for key in ("PQ", "SQ", "RQ"):
-                    out[f"panoptic/{key}{sub}"] = r[key]
+                    out[f"panoptic/{key}{sub}"] = 100 * r[key]
     return out
