@@ -57,7 +57,8 @@ def comparison_table(
     names: tuple[str, str] = ("UMG-CLIP", "CLIP baseline"),
 ) -> str:
     """Markdown table: per metric, mean +- spread over seeds for both models, the difference
-    of means, the number of queries and a flag when a drop exceeds one query's worth."""
+    of means, the number of queries and a flag when a retrieval drop exceeds one query's worth
+    (and a note when a difference is no larger than the two seed spreads added)."""
     rows = [
         f"| metric | {names[0]} | {names[1]} | difference | queries | note |",
         "|---|---|---|---|---|---|",
@@ -69,12 +70,17 @@ def comparison_table(
         ck = QUERY_COUNTS.get(k)
         n = ours[0].get(ck, float("nan")) if ck and ours else float("nan")
         note = ""
-        if not math.isnan(n) and n > 0 and not math.isnan(d):
+        # One query's worth is meaningful only for averages over queries (retrieval, regions);
+        # mAP and mIoU average over classes, so no per-query note for them.
+        per_query = k.startswith(("retrieval/", "regions/"))
+        if per_query and not math.isnan(n) and n > 0 and not math.isnan(d):
             one = 100.0 / n
             if k.startswith("retrieval/") and d < -one:
                 note = f"drop > one query ({one:.2f} pts)"
             elif abs(d) <= one:
                 note = f"within one query ({one:.2f} pts)"
+            if len(ours) > 1 and abs(d) > one and abs(d) <= sa + sb:
+                note += ("; " if note else "") + "within the seed spread"
         qs = "" if math.isnan(n) else str(int(n))
         rows.append(
             f"| `{k}` | {_fmt(a)} ± {_fmt(sa)} | {_fmt(b)} ± {_fmt(sb)} | "
