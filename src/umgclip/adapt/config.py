@@ -81,7 +81,7 @@ class AdaptTrainConfig:
 class AdaptConfig:
     """One adaptation run: backbone (checkpoint folder or registry name) + task + data + train."""
 
-    backbone: str = "umg-lite"
+    backbone: str = "runs/demo/runs/umg-seed0/final"  # `make demo` writes it
     task: Literal["semseg", "panoptic"] = "semseg"
     out_dir: str = "runs/adapt"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

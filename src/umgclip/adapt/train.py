@@ -56,6 +56,11 @@ def load_backbone(name_or_dir: str, run_dir: Path, device: str) -> tuple[torch.n
     import umgclip
 
     p = Path(name_or_dir)
+    if ("/" in name_or_dir or p.exists()) and not (p / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"backbone checkpoint {p} not found (no model.safetensors): run `make demo` to train "
+            f"it, or pass another one with --set backbone=DIR (or a registry name, e.g. umg-lite)"
+        )
     if (p / "model.safetensors").is_file():
         model = umgclip.load_model(p)
         return model.to(device).eval(), p

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,12 @@ class PanopticDecoder(nn.Module):
         memory_levels: int = 2,
     ):
         super().__init__()
-        self.fpn = FeaturePyramidNetwork(list(in_channels), dim)
+        # GroupNorm in the pixel decoder (as Mask2Former's): backbone features reach std ~8, and
+        # without it the initial mask logits had std ~8, so sigmoids saturated at 0, the dice
+        # gradient vanished and every mask collapsed to empty (the PQ 0.0 of issue #7).
+        self.fpn = FeaturePyramidNetwork(
+            list(in_channels), dim, norm_layer=partial(nn.GroupNorm, min(32, dim // 4))
+        )
         self.mask_features = nn.Conv2d(dim, dim, 1)
         self.memory_levels = max(1, min(memory_levels, len(in_channels)))
         self.level_embed = nn.Parameter(torch.zeros(self.memory_levels, dim))
