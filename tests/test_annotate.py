@@ -322,3 +322,278 @@ def test_c20_owlv2_boxes_in_original_frame(tmp_path: Path) -> None:
         assert len(r) == exp.shape[0] == 16  # threshold 0 keeps every query box
         np.testing.assert_allclose(np.sort(r.boxes, 0), np.sort(exp.numpy(), 0), atol=1e-3)
         assert set(r.labels) <= set(names)
+
+
+# --------------------------------------------------------------- ImageNet region labeller
+def test_context_square_boxes_hand_worked() -> None:
+    from umgclip.annotate.backends.imagenet_tagger import context_square_boxes
+
+    b = np.array([[40, 10, 60, 50], [0, 0, 10, 10]], np.float32)  # 20x40 box, corner box
+    out = context_square_boxes(b, 100, 60, context=0.25)
+    # Side = 40 * (1 + 2 * 0.25) = 60 around the centre (50, 30); y clipped to [0, 60].
+    np.testing.assert_allclose(out[0], [20, 0, 80, 60])
+    # 10 * 1.5 = 15 around (5, 5) -> [-2.5, -2.5, 12.5, 12.5], clipped at the image corner.
+    np.testing.assert_allclose(out[1], [0, 0, 12.5, 12.5])
+    with pytest.raises(ValueError, match="context"):
+        from umgclip.annotate.backends.imagenet_tagger import ImageNetRegionLabeller
+
+        ImageNetRegionLabeller(context=-1)
+
+
+@pytest.fixture(scope="module")
+def region_labeller():
+    from umgclip.annotate.backends.imagenet_tagger import ImageNetRegionLabeller
+
+    return ImageNetRegionLabeller(threshold=0.0, topk=3, crop_batch=3)
+
+
+def test_imagenet_region_labeller_batching_and_names(region_labeller) -> None:
+    from umgclip.annotate.vocab import imagenet_to_coco
+
+    rng = np.random.default_rng(1)
+    ims = [
+        Image.fromarray(rng.integers(0, 255, (50, 90, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (70, 40, 3), dtype=np.uint8)).convert("L"),  # C02
+        Image.new("RGB", (30, 30)),
+    ]
+    boxes = [
+        np.array([[5, 5, 40, 45], [50, 0, 90, 50]], np.float32),
+        np.array([[0, 10, 40, 60], [3, 3, 13, 13], [10, 20, 30, 25]], np.float32),
+        np.zeros((0, 4), np.float32),
+    ]
+    together = region_labeller.label_regions(ims, boxes)  # 5 crops in batches of 3
+    assert [len(t) for t in together] == [2, 3, 0]
+    alone = [region_labeller.label_regions([im], [b])[0] for im, b in zip(ims, boxes)]
+    allowed = set(imagenet_to_coco().values())
+    for tb, ta in zip(together, alone):
+        for t1, t2 in zip(tb, ta):
+            assert [t.name for t in t1] == [t.name for t in t2]
+            np.testing.assert_allclose([t.score for t in t1], [t.score for t in t2], atol=1e-4)
+            assert {t.name for t in t1} <= allowed  # mapped_only: COCO names only
+            assert [t.score for t in t1] == sorted((t.score for t in t1), reverse=True)
+    assert region_labeller.label_regions([], []) == []
+
+
+def test_imagenet_region_labeller_names_coco_gt_boxes(region_labeller, imported_coco) -> None:
+    """On real val photos, GT boxes of animal categories the ImageNet classes cover get the
+    right COCO name (a pretrained classifier, unlike untrained projections at ~1/133)."""
+    from umgclip.annotate.pipeline import iter_inputs
+    from umgclip.data.shards import ReadKeys, decode_raw
+
+    wanted = {"dog", "cat", "bird", "bear", "zebra", "elephant", "giraffe", "horse"}
+    ims, boxes, truth = [], [], []
+    for raw in iter_inputs(imported_coco, "val"):
+        d = decode_raw(raw, ReadKeys())
+        w, h = d.image.size
+        big = [
+            r
+            for r in d.sample.regions
+            if r.tags and r.tags[0] in wanted and not r.iscrowd
+            and (r.box[2] - r.box[0]) * (r.box[3] - r.box[1]) > 0.05 * w * h
+        ]  # fmt: skip
+        if big:
+            ims.append(d.image)
+            boxes.append(np.array([r.box for r in big], np.float32))
+            truth.append([r.tags[0] for r in big])
+        if sum(map(len, truth)) >= 12:
+            break
+    assert sum(map(len, truth)) >= 6
+    pred = region_labeller.label_regions(ims, boxes)
+    hits = [bool(p) and p[0].name == t for ps, ts in zip(pred, truth) for p, t in zip(ps, ts)]
+    # Chance over the 55 mapped names is < 0.02.
+    assert np.mean(hits) >= 0.5, (truth, [[p[0].name if p else None for p in ps] for ps in pred])
+
+
+# ------------------------------------------------------- SAM, BLIP, CLIP (tiny random models)
+def _byte_clip_tokenizer(max_len: int):
+    """A CLIP BPE tokenizer over single bytes (no merges): real class, no download."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_len), len(vocab)
+
+
+def _tiny_sam(d: Path) -> Path:
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+
+    cfg = SamConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=16, output_channels=16, num_pos_feats=8,
+                           window_size=2, global_attn_indexes=[1], mlp_dim=64),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16,
+                                   mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 mlp_dim=32, iou_head_hidden_dim=16),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    SamModel(cfg).save_pretrained(d)
+    SamProcessor(
+        SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
+    ).save_pretrained(d)
+    return d
+
+
+def test_c20_sam_masks_in_original_frame(tmp_path: Path) -> None:
+    import torch.nn.functional as F
+
+    from umgclip.annotate.backends.transformers_hf import HFSamMasker
+
+    sam = HFSamMasker(str(_tiny_sam(tmp_path / "sam")))
+    low: list[torch.Tensor] = []
+    sam.model.register_forward_hook(lambda m, i, o: low.append(o.pred_masks.detach().clone()))
+    rng = np.random.default_rng(0)
+    sizes = [(120, 40), (30, 90)]  # landscape and portrait
+    ims = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    boxes = [np.array([[0, 0, 50, 30], [10, 5, 100, 40]], np.float32), np.array([[1, 1, 20, 80]])]
+    out = sam.masks(ims + [ims[0]], boxes + [np.zeros((0, 4))])
+    assert [o.shape for o in out] == [(2, 40, 120), (1, 90, 30), (0, 40, 120)]
+    assert all(o.dtype == bool for o in out)
+    assert len(low) == 2  # one forward per image with boxes; none for the empty one
+    for (w, h), lo, o in zip(sizes, low, out):
+        # Hand mapping: SAM resizes the longer side to 64 and pads bottom/right to 64x64; the
+        # low-res logits cover that padded square. Upsample, cut the padding, resize back.
+        s = 64 / max(w, h)
+        rw, rh = int(w * s + 0.5), int(h * s + 0.5)
+        x = F.interpolate(lo[0].float(), (64, 64), mode="bilinear", align_corners=False)
+        x = F.interpolate(x[..., :rh, :rw], (h, w), mode="bilinear", align_corners=False)
+        np.testing.assert_array_equal(o, (x[:, 0] > 0).numpy())
+        assert 0 < o.mean() < 1  # a real mask, not all on or all off
+
+
+def _tiny_blip(d: Path) -> Path:
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    d.mkdir(parents=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "red", "square"]
+    (d / "vocab.txt").write_text("\n".join(words) + "\n")
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+                         bos_token_id=2, sep_token_id=3, pad_token_id=0, eos_token_id=3),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(cfg).save_pretrained(d)
+    BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=BertTokenizer(str(d / "vocab.txt"), model_max_length=16),
+    ).save_pretrained(d)
+    return d
+
+
+def test_blip_captions_batched_and_per_region(tmp_path: Path) -> None:
+    from umgclip.annotate.backends.transformers_hf import HFBlipCaptioner
+
+    cap = HFBlipCaptioner(str(_tiny_blip(tmp_path / "blip")), max_new_tokens=5)
+    rng = np.random.default_rng(0)
+    ims = [
+        Image.fromarray(rng.integers(0, 255, (40, 120, 3), dtype=np.uint8)),
+        Image.new("L", (30, 90), 80),  # C02: grayscale goes through the RGB processor
+    ]
+    batched = cap.caption(ims)
+    assert len(batched) == 2 and all(len(c) == 1 and isinstance(c[0], str) for c in batched)
+    # Greedy decoding: the batch gives what each image gives alone.
+    assert batched == [cap.caption([im])[0] for im in ims]
+    # Independent decode of the same model for image 0.
+    inputs = cap.processor(images=ims[:1], return_tensors="pt")
+    with torch.no_grad():
+        ids = cap.model.generate(**inputs, max_new_tokens=5, num_beams=1)
+    assert batched[0][0] == cap.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    seen: list[tuple[int, int]] = []
+    real = cap.caption
+    cap.caption = lambda crops: (seen.extend(c.size for c in crops), real(crops))[1]  # type: ignore[method-assign]
+    boxes = [np.array([[0, 0, 50, 30], [10.4, 5, 100, 40]]), np.zeros((0, 4))]
+    per_region = cap.caption_regions(ims, boxes)
+    assert [len(p) for p in per_region] == [2, 0]
+    assert seen == [(50, 30), (90, 35)]  # crops are the boxes, in original pixels
+
+
+def _tiny_clip(d: Path) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok, V = _byte_clip_tokenizer(32)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=V - 2,
+                         eos_token_id=V - 1, pad_token_id=V - 1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(d)
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tok,
+    ).save_pretrained(d)
+    return d
+
+
+def test_clip_backend_tags_regions_scores(tmp_path: Path, monkeypatch) -> None:
+    from umgclip.annotate.backends.transformers_hf import HFClipScorer
+    from umgclip.annotate.text_cache import _MEMORY
+
+    monkeypatch.setenv("UMGCLIP_CACHE", str(tmp_path / "cache"))
+    vocab = ["cat", "dog", "red square", "gray wall"]
+    clip = HFClipScorer(str(_tiny_clip(tmp_path / "clip")), vocabulary=vocab, topk=2)
+    rng = np.random.default_rng(0)
+    ims = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in
+           [(120, 40), (30, 90), (64, 64)]]  # fmt: skip
+
+    def feats(images: list[Image.Image], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Independent path: the model's own forward (image_embeds / text_embeds are normalised).
+        inp = clip.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            o = clip.model(**inp)
+        return o.image_embeds, o.text_embeds
+
+    tags = clip.tag(ims)
+    ie, te = feats(ims, [f"a photo of a {v}." for v in vocab])
+    sims = ie @ te.T
+    for t, s in zip(tags, sims):
+        top = s.topk(2)
+        assert [x.name for x in t] == [vocab[i] for i in top.indices]
+        np.testing.assert_allclose([x.score for x in t], top.values.numpy(), atol=1e-5)
+    # Batching: one call with three images equals three calls.
+    np.testing.assert_allclose(
+        clip.encode_images(ims).numpy(),
+        torch.cat([clip.encode_images([im]) for im in ims]).numpy(),
+        atol=1e-5,
+    )
+    boxes = [
+        np.array([[0, 0, 50, 30], [60, 10, 120, 40]]),
+        np.zeros((0, 4)),
+        np.array([[0, 0, 9, 9]]),
+    ]
+    regions = clip.label_regions(ims, boxes)
+    assert [len(r) for r in regions] == [2, 0, 1]
+    crop_tags = clip.tag([ims[0].crop((60, 10, 120, 40))])[0]
+    assert [x.name for x in regions[0][1]] == [x.name for x in crop_tags]
+    scores = clip.image_text(ims[:2], [["a cat", "a dog"], []])
+    ie2, te2 = feats(ims[:1], ["a cat", "a dog"])
+    np.testing.assert_allclose(scores[0], (te2 @ ie2[0]).numpy(), atol=1e-5)
+    assert scores[1].shape == (0,)
+    rt = clip.region_text(ims[:2], [np.array([[0, 0, 50, 30]]), np.zeros((0, 4))], [["a cat"], []])
+    ie3, te3 = feats([ims[0].crop((0, 0, 50, 30))], ["a cat"])
+    np.testing.assert_allclose(rt[0], (ie3 * te3).sum(-1).numpy(), atol=1e-5)
+    assert rt[1].shape == (0,)
+    # The vocabulary embeddings were cached on disk: a fresh backend reuses them.
+    assert len(list((tmp_path / "cache" / "text_emb").glob("*.safetensors"))) == 1
+    _MEMORY.clear()
+    clip2 = HFClipScorer(str(tmp_path / "clip"), vocabulary=vocab, topk=2)
+    clip2.encode_texts = None  # type: ignore[assignment]  # must not be called
+    assert [x.name for x in clip2.tag(ims[:1])[0]] == [x.name for x in tags[0]]

@@ -106,7 +106,14 @@ class RegionLabeller(Annotator):
 
 
 class Scorer(Annotator):
-    """Image-text and region-text agreement (a CLIP-style cosine similarity)."""
+    """Image-text and region-text agreement (a CLIP-style cosine similarity).
+
+    ``trained`` is False for a model whose image/text projections were never trained: the
+    pipeline then records its scores but filters nothing on them (a threshold on chance-level
+    similarities would drop arbitrary labels).
+    """
+
+    trained: bool = True
 
     @abstractmethod
     def image_text(self, images: list[Image.Image], texts: list[list[str]]) -> list[np.ndarray]:

@@ -246,8 +246,11 @@ class StageRunner:
             regions = it.state.get("regions", [])
             for r, s in zip(regions, rs):
                 r["tag_score"] = float(s)
-            keep = filter_scores(np.asarray(rs), f.min_region_tag_score, "region_tag_score", counts)
+            trained = bool(getattr(a, "trained", True))
+            thr = f.min_region_tag_score if trained else None
+            keep = filter_scores(np.asarray(rs), thr, "region_tag_score", counts)
             it.state["regions"] = [regions[i] for i in keep]
+            it.state["scores_filter"] = trained
             self._count(it, counts)
             it.state["scorer"] = a.name
 
@@ -290,7 +293,8 @@ def finalize(it: WorkItem, cfg: AnnotateConfig) -> Sample:
     counts: Counter = Counter()
     if scores is not None and len(scores) == len(caps):
         # Only generated captions are filtered; the input's (human) captions are kept as given.
-        thr = cfg.filters.min_caption_score
+        # An untrained scorer's scores are recorded, never used to drop anything.
+        thr = cfg.filters.min_caption_score if st.get("scores_filter", True) else None
         keep = [
             i
             for i in range(len(caps))

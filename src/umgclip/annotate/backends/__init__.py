@@ -36,9 +36,13 @@ def build_annotator(slot: str, spec: AnnotatorSpec, vocabulary: list[str] | None
 
         return SelectiveSearchProposer(**opts) if slot == "detector" else SuperpixelMasker(**opts)
     if b == "imagenet":
-        from umgclip.annotate.backends.imagenet_tagger import ImageNetTagger
+        from umgclip.annotate.backends.imagenet_tagger import (
+            ImageNetRegionLabeller,
+            ImageNetTagger,
+        )
 
-        return ImageNetTagger(device=spec.device, **opts)
+        cls = ImageNetRegionLabeller if slot == "region_labeller" else ImageNetTagger
+        return cls(device=spec.device, **opts)
     if b == "umgclip":
         from umgclip.annotate.backends.umgclip_backend import UMGCLIPBackend
 

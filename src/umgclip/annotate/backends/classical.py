@@ -127,9 +127,12 @@ def _starts(flat_labels: np.ndarray, n: int) -> np.ndarray:
 
 class SelectiveSearchProposer(RegionDetector):
     """Class-agnostic box proposals; ``score`` = how much of its box a group fills (compact,
-    object-like groups first). Options: ``max_side`` (working resolution), ``scales``
-    (Felzenszwalb ``scale`` values), ``sigma``, ``min_size`` (pixels at working resolution),
-    ``max_proposals``."""
+    object-like groups first) times ``(box area / image area) ** size_power``: with
+    ``size_power`` 0 the many tiny superpixel boxes (which fill their box best) crowd out
+    object-sized groups under a ``max_regions`` cap; a small positive power favours larger
+    groups. Options: ``max_side`` (working resolution), ``scales`` (Felzenszwalb ``scale``
+    values), ``sigma``, ``min_size`` (pixels at working resolution), ``max_proposals``,
+    ``size_power``."""
 
     name = "classical.selective_search"
 
@@ -140,12 +143,14 @@ class SelectiveSearchProposer(RegionDetector):
         sigma: float = 0.8,
         min_size: int = 60,
         max_proposals: int = 200,
+        size_power: float = 0.0,
     ) -> None:
         self.max_side = max_side
         self.scales = tuple(float(s) for s in scales)
         self.sigma = sigma
         self.min_size = min_size
         self.max_proposals = max_proposals
+        self.size_power = float(size_power)
 
     def _one(self, image: Image.Image) -> Detections:
         arr, sx, sy = _downscale(image, self.max_side)
@@ -156,7 +161,8 @@ class SelectiveSearchProposer(RegionDetector):
             boxes, sizes = hierarchical_grouping(labels, lab)
             area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             all_boxes.append(boxes)
-            all_scores.append(sizes / np.maximum(area, 1.0))
+            fill = sizes / np.maximum(area, 1.0)
+            all_scores.append(fill * (area / float(labels.size)) ** self.size_power)
         boxes = np.concatenate(all_boxes) * np.array([sx, sy, sx, sy], dtype=np.float32)
         scores = np.concatenate(all_scores)
         boxes, uniq = np.unique(np.round(boxes, 2), axis=0, return_index=True)

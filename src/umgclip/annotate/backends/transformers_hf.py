@@ -223,7 +223,8 @@ class HFClipScorer(ImageTagger, RegionLabeller, Scorer):
     ``get_text_features``): image tags by similarity to a vocabulary, region labels on crops,
     image-text and region-text cosine scores.
 
-    Options: ``prompt`` (``"a photo of a {}."``), ``topk`` (tags per image, 5), ``bf16``.
+    Options: ``prompt`` (``"a photo of a {}."``), ``topk`` (tags per image, 5), ``bf16``,
+    ``text_cache`` (vocabulary embedding cache folder; ``auto`` or ``null`` = memory only).
     """
 
     name = "hf.clip"
@@ -236,6 +237,7 @@ class HFClipScorer(ImageTagger, RegionLabeller, Scorer):
         prompt: str = "a photo of a {}.",
         topk: int = 5,
         bf16: bool = False,
+        text_cache: str | None = "auto",
     ) -> None:
         from transformers import AutoModel, AutoProcessor
 
@@ -244,6 +246,7 @@ class HFClipScorer(ImageTagger, RegionLabeller, Scorer):
         self.device, self.bf16, self.prompt, self.topk = device, bf16, prompt, topk
         self.vocabulary = list(vocabulary or [])
         self._vocab_emb: torch.Tensor | None = None
+        self.text_cache = text_cache
         self.name = f"hf.clip:{model}"
 
     @staticmethod
@@ -272,7 +275,15 @@ class HFClipScorer(ImageTagger, RegionLabeller, Scorer):
         if not self.vocabulary:
             raise ValueError("CLIP tagging needs a vocabulary")
         if self._vocab_emb is None:
-            self._vocab_emb = self.encode_texts([self.prompt.format(v) for v in self.vocabulary])
+            from umgclip.annotate.text_cache import (
+                cache_key,
+                cached_text_embeddings,
+                module_fingerprint,
+            )
+
+            texts = [self.prompt.format(v) for v in self.vocabulary]
+            key = cache_key(module_fingerprint(self.model), texts, bf16=self.bf16, kind="hf.clip")
+            self._vocab_emb = cached_text_embeddings(self.encode_texts, texts, key, self.text_cache)
         return self._vocab_emb
 
     def _tags(self, emb: torch.Tensor, k: int) -> list[list[Tag]]:

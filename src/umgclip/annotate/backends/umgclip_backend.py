@@ -9,6 +9,7 @@ the prompt ``"a photo of a {}."``. Scores are cosine similarities.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import numpy as np
 import torch
@@ -16,11 +17,24 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from umgclip.annotate.annotators import ImageTagger, RegionLabeller, Scorer, Tag
+from umgclip.annotate.text_cache import cache_key, cached_text_embeddings, module_fingerprint
+
+log = logging.getLogger(__name__)
 
 
 class UMGCLIPBackend(ImageTagger, RegionLabeller, Scorer):
     """Options: ``prompt``, ``topk`` (tags per image/region, 5), ``bf16`` (autocast under
-    no_grad, default true on CPU), ``text_batch`` (texts per text-tower call, 256)."""
+    no_grad, default true on CPU), ``text_batch`` (texts per text-tower call, 256),
+    ``text_cache`` (folder for cached vocabulary embeddings; ``auto``: ``$UMGCLIP_CACHE``,
+    ``null``: memory only).
+
+    Without ``pretrained`` (and when ``model`` is a registry name, not a saved model folder)
+    the model is built from its registry config: its towers may be
+    pretrained but the projections into the shared space are untrained, so its similarities
+    mean nothing. Such a backend sets ``trained = False``; the pipeline then records its scores
+    but never filters on them, and warns once. Point ``pretrained`` at a trained checkpoint
+    (e.g. ``runs/demo/runs/umg-seed0/final`` from ``make demo``).
+    """
 
     name = "umgclip"
 
@@ -34,8 +48,9 @@ class UMGCLIPBackend(ImageTagger, RegionLabeller, Scorer):
         topk: int = 5,
         bf16: bool = True,
         text_batch: int = 256,
+        text_cache: str | None = "auto",
     ) -> None:
-        from umgclip.model.registry import create_model
+        from umgclip.model.registry import create_model, is_model_dir
 
         self.model = create_model(model, pretrained=pretrained, device=device).eval()
         self.pre = self.model.preprocess_cfg
@@ -43,6 +58,15 @@ class UMGCLIPBackend(ImageTagger, RegionLabeller, Scorer):
         self.text_batch = text_batch
         self.vocabulary = list(vocabulary or [])
         self._vocab_emb: torch.Tensor | None = None
+        self.text_cache = text_cache
+        # A saved model folder is a checkpoint; a bare registry name is not.
+        self.trained = pretrained is not None or is_model_dir(model)
+        if not self.trained:
+            log.warning(
+                "umgclip backend %r has no trained checkpoint (`pretrained`): its tags are near "
+                "chance and its scores will not be used to filter",
+                model,
+            )
         self.name = f"umgclip:{pretrained or model}"
 
     def _ctx(self) -> contextlib.AbstractContextManager:
@@ -100,7 +124,9 @@ class UMGCLIPBackend(ImageTagger, RegionLabeller, Scorer):
         if not self.vocabulary:
             raise ValueError("umgclip tagging needs a vocabulary")
         if self._vocab_emb is None:
-            self._vocab_emb = self.encode_texts([self.prompt.format(v) for v in self.vocabulary])
+            texts = [self.prompt.format(v) for v in self.vocabulary]
+            key = cache_key(module_fingerprint(self.model), texts, bf16=self.bf16, kind="umgclip")
+            self._vocab_emb = cached_text_embeddings(self.encode_texts, texts, key, self.text_cache)
         return self._vocab_emb
 
     def _tags(self, emb: torch.Tensor) -> list[list[Tag]]:
