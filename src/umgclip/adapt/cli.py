@@ -45,6 +45,9 @@ def run_predict_panoptic(args: argparse.Namespace) -> int:
     eval area's predict command): panoptic segments + an overlay with a legend."""
     from pathlib import Path
 
+    import numpy as np
+    from PIL import Image
+
     from umgclip.adapt.model import load_adapted
     from umgclip.adapt.panoptic_inference import draw_panoptic, predict_panoptic
     from umgclip.data.images import load_image
@@ -56,9 +59,12 @@ def run_predict_panoptic(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     pred = predict_panoptic(model, image)
     out = draw_panoptic(image, pred, args.out)
-    result = {"image": str(args.image), "segments": pred.segments}
+    # The segment-id map (16-bit PNG, 0 = void) next to the overlay: the JSON's ``id``s index it.
+    ids = out.with_name(out.stem + "_ids.png")
+    Image.fromarray(pred.segmentation.astype(np.uint16)).save(ids)
+    result = {"image": str(args.image), "ids_png": ids.name, "segments": pred.segments}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     for s in sorted(pred.segments, key=lambda s: -s["area"]):
         print(f"  {s['name']:<24} score {s['score']:.3f}  area {s['area']}")
-    print(f"overlay: {out}")
+    print(f"overlay: {out}\nsegments: {out.with_suffix('.json')} + {ids}")
     return 0

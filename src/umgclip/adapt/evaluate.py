@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,4 +119,40 @@ def evaluate_adapted(
             if name == main:
                 for key in ("PQ", "SQ", "RQ"):
                     out[f"panoptic/{key}{sub}"] = 100 * r[key]
+    return out
+
+
+def evaluate_adapted_run(
+    run_dir: str | Path,
+    shard_dir: str | Path,
+    split: str = "val",
+    batch_size: int = 8,
+    precision: str = "bf16",
+    device: str = "cpu",
+    max_images: int = 0,
+) -> dict[str, float]:
+    """Load an adapted checkpoint (an ``umgclip adapt`` run folder or its ``adapted/``) and
+    evaluate it on the panoptic images of ``split`` in ``shard_dir`` (imported shards), with the
+    geometry it was trained with. Returns :func:`evaluate_adapted`'s keys (``umgclip eval
+    --adapted`` merges them into its metrics)."""
+    from umgclip.adapt.data import load_items
+    from umgclip.adapt.model import ADAPTED_META, load_adapted
+    from umgclip.data.shards import SkipCounter
+
+    p = Path(run_dir)
+    if not (p / ADAPTED_META).is_file() and (p / "adapted" / ADAPTED_META).is_file():
+        p = p / "adapted"
+    if not (p / ADAPTED_META).is_file():
+        raise FileNotFoundError(f"{run_dir} is neither an `umgclip adapt` run nor its adapted/")
+    model = load_adapted(p, device=device)
+    pre = model.backbone.preprocess_cfg
+    skips = SkipCounter()
+    items = load_items(
+        shard_dir, split, model.vocab, model.cfg.data.size, pre.mean, pre.std, max_images, skips
+    )
+    if not items:
+        raise ValueError(f"no panoptic images in the {split} split of {shard_dir}")
+    out = evaluate_adapted(model, items, batch_size, precision)
+    out.pop("num_images")
+    out[f"{model.cfg.task}/num_images_adapted"] = float(len(items))
     return out

@@ -44,6 +44,17 @@ def run_eval(args: argparse.Namespace) -> int:
         max_images=args.max_images,
     )
     metrics = evaluate(model, args.data, args.split, cfg)
+    for run in getattr(args, "adapted", None) or ():  # adapted checkpoints (umgclip.adapt)
+        from umgclip.adapt.evaluate import evaluate_adapted_run
+
+        extra = evaluate_adapted_run(
+            run, args.data, args.split, args.batch_size, args.precision, args.device,
+            args.max_images or 0,
+        )  # fmt: skip
+        clash = sorted(set(extra) & set(metrics))
+        if clash:
+            raise SystemExit(f"eval --adapted: {run} repeats metrics {clash} (one run per task)")
+        metrics.update(extra)
     print(format_metrics(metrics))
     if args.out:
         out = Path(args.out)
@@ -97,6 +108,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--groups", nargs="*", help="metric groups to run (default: all)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N samples")
+    p.add_argument(
+        "--adapted", nargs="+", default=None, metavar="RUN_DIR",
+        help="also evaluate `umgclip adapt` runs: semseg/mIoU_adapted, panoptic/PQ|SQ|RQ",
+    )  # fmt: skip
     p.set_defaults(func=run_eval)
 
     q = subparsers.add_parser("predict", help="tags, labelled boxes and segmentation of an image")
