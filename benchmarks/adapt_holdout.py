@@ -4,7 +4,7 @@ Adapts a panoptic decoder with 10 classes held out (their segments are removed f
 training targets), then reports PQ on the held-out ("unseen") and the other ("seen") classes of
 the val split, with the in-vocabulary head alone and with the FC-CLIP geometric ensemble.
 
-    python benchmarks/adapt_holdout.py --backbone umg-lite --steps 300 --out runs/adapt/holdout
+    python benchmarks/adapt_holdout.py --out runs/adapt/holdout   # the config's backbone and steps
 """
 
 from __future__ import annotations
@@ -36,15 +36,17 @@ def default_holdout(shards: Path, n: int = 10) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/adapt-panoptic-coco.yaml")
-    ap.add_argument("--backbone", default="umg-lite")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--backbone", default=None, help="default: the config's (the demo's)")
+    ap.add_argument("--steps", type=int, default=None, help="default: the config's")
     ap.add_argument("--out", default="runs/adapt/holdout")
     ap.add_argument("--holdout", nargs="*", help="class names (default: 10 frequent val classes)")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = load_config(AdaptConfig, args.config, args.set)
-    cfg.backbone, cfg.out_dir, cfg.train.steps = args.backbone, args.out, args.steps
+    cfg.out_dir = args.out
+    cfg.backbone = args.backbone or cfg.backbone
+    cfg.train.steps = args.steps or cfg.train.steps
     shards = resolve_shards(cfg.data.source, Path(args.out).parent / "_adapt_shards")
     cfg.data.source = str(shards)
     cfg.data.holdout_classes = args.holdout or default_holdout(shards)
@@ -58,6 +60,8 @@ def main() -> None:
     print(f"{'':24s} {'PQ seen':>8s} {'PQ unseen':>10s}")
     for name, s, u in rows:
         print(f"{name:24s} {m[s]:8.2f} {m[u]:10.2f}")  # percent
+    print(f"PQ/SQ/RQ (all, ensemble): {m['panoptic/PQ']:.2f} / {m['panoptic/SQ']:.2f} / "
+          f"{m['panoptic/RQ']:.2f}; train {m['train_seconds']:.0f} s")  # fmt: skip
     summary = {"holdout": cfg.data.holdout_classes, **{k: m[k] for r in rows for k in r[1:]}}
     (run / "holdout_summary.json").write_text(json.dumps(summary, indent=1))
 
