@@ -17,6 +17,13 @@ from umgclip.annotate.config import AnnotateConfig, AnnotatorSpec, FilterConfig
 from umgclip.annotate.evaluate import read_samples
 from umgclip.annotate.filters import clip_boxes, filter_boxes, filter_masks
 
+
+@pytest.fixture(autouse=True)
+def _text_cache_in_tmp(tmp_path: Path, monkeypatch) -> None:
+    """Vocabulary embedding caches go to the test's folder, never to ~/.cache."""
+    monkeypatch.setenv("UMGCLIP_CACHE", str(tmp_path / "cache"))
+
+
 NO_RULES = FilterConfig(
     min_box_score=None, min_area_frac=None, max_area_frac=None, min_side=None,
     max_aspect=None, nms_iou=None, min_mask_area_frac=None, min_mask_fill=None, max_regions=None,
@@ -249,7 +256,7 @@ def test_ray_executor_matches_local(image_dir: Path, tmp_path: Path) -> None:
     annotate(image_dir, tmp_path / "local", cfg, progress=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        cfg.ray.concurrency = 2
+        cfg.ray.concurrency = 1  # 4 stage actors per chunk on the shared 2-core machine
         annotate(image_dir, tmp_path / "ray", cfg, executor="ray", progress=False)
     finally:
         ray.shutdown()
@@ -547,7 +554,7 @@ def test_clip_backend_tags_regions_scores(tmp_path: Path, monkeypatch) -> None:
     from umgclip.annotate.backends.transformers_hf import HFClipScorer
     from umgclip.annotate.text_cache import _MEMORY
 
-    monkeypatch.setenv("UMGCLIP_CACHE", str(tmp_path / "cache"))
+    _MEMORY.clear()
     vocab = ["cat", "dog", "red square", "gray wall"]
     clip = HFClipScorer(str(_tiny_clip(tmp_path / "clip")), vocabulary=vocab, topk=2)
     rng = np.random.default_rng(0)
@@ -597,3 +604,144 @@ def test_clip_backend_tags_regions_scores(tmp_path: Path, monkeypatch) -> None:
     clip2 = HFClipScorer(str(tmp_path / "clip"), vocabulary=vocab, topk=2)
     clip2.encode_texts = None  # type: ignore[assignment]  # must not be called
     assert [x.name for x in clip2.tag(ims[:1])[0]] == [x.name for x in tags[0]]
+
+
+# ---------------------------------------------------------------- a real kill and restart
+_CLI = "import sys; from umgclip.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _annotate_cmd(inp: Path, out: Path, cfg: Path) -> list[str]:
+    import sys
+
+    return [sys.executable, "-c", _CLI, "annotate", str(inp), "--config", str(cfg),
+            "--out", str(out), "--no-progress"]  # fmt: skip
+
+
+def test_sigkill_and_rerun_no_duplicates_no_loss(tmp_path: Path) -> None:
+    """``umgclip annotate`` in a subprocess, SIGKILLed as soon as its first shard appears,
+    then rerun: the result equals an uninterrupted run (same keys, once each, same labels)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        arr = rng.integers(0, 80, (240, 320, 3), dtype=np.uint8)
+        arr[40:200, 30 + 20 * i : 200 + 20 * i] = rng.integers(120, 255, 3)
+        Image.fromarray(arr).save(d / f"im{i}.jpg")
+    cfg = tmp_path / "cfg.yaml"
+    # fp32 ImageNet region labels make each 2-image chunk take about a second: time to kill.
+    cfg.write_text(
+        "tagger: {backend: imagenet, options: {topk: 3}}\n"
+        "detector: {backend: classical, options: {max_side: 128}}\n"
+        "region_labeller: {backend: imagenet, options: {threshold: 0.0}}\n"
+        "masker: {backend: classical, options: {max_side: 128}}\n"
+        "filters: {min_box_score: null, max_regions: 6}\n"
+        "shard_size: 2\nbatch_size: 2\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    full, out = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_annotate_cmd(d, full, cfg), env=env, check=True, capture_output=True)
+
+    proc = subprocess.Popen(
+        _annotate_cmd(d, out, cfg), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("annot-*.tar")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no shard appeared"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    manifest = (
+        json.loads((out / "manifest.json").read_text())
+        if (out / "manifest.json").is_file()
+        else {"chunks": {}}
+    )
+    assert len(manifest["chunks"]) < 3  # killed mid-run
+
+    subprocess.run(_annotate_cmd(d, out, cfg), env=env, check=True, capture_output=True)
+    keys = _keys(out)
+    assert sorted(keys) == sorted(_keys(full)) == [f"im{i}" for i in range(6)]
+    assert len(keys) == len(set(keys))
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*.tar.*"))
+    assert {k: v.to_dict() for k, v in read_samples(out).items()} == {
+        k: v.to_dict() for k, v in read_samples(full).items()
+    }
+    assert json.loads((out / "summary.json").read_text())["images"] == 6
+
+
+# ------------------------------------------------- untrained scorers, vocabulary text cache
+def test_untrained_scorer_never_filters(image_dir: Path, tmp_path: Path) -> None:
+    from umgclip.annotate.pipeline import annotate
+
+    def run(name: str, scorer_model: str | None) -> tuple[dict, dict]:
+        kw = {}
+        if scorer_model:
+            kw["scorer"] = AnnotatorSpec(
+                backend="umgclip", model=scorer_model, options={"bf16": False, "text_cache": None}
+            )
+        cfg = tiny_cfg(tmp_path, **kw)
+        # Impossible thresholds: a cosine similarity is never >= 10.
+        cfg.filters.min_region_tag_score = 10.0
+        cfg.filters.min_caption_score = 10.0
+        s = annotate(image_dir, tmp_path / name, cfg, progress=False)
+        return s, read_samples(tmp_path / name)
+
+    base, base_samples = run("none", None)
+    # Registry name, no checkpoint: untrained projections -> scores recorded, nothing dropped.
+    untrained, samples = run("untrained", "umg-vit-tiny")
+    assert untrained["filter_counts"]["region_tag_score"] == 0
+    assert untrained["filter_counts"]["caption_score"] == 0
+    assert untrained["filter_counts"]["kept_regions"] == base["filter_counts"]["kept_regions"] > 0
+    for k, s in samples.items():
+        assert s.captions == base_samples[k].captions
+        ann = s.source["annotate"]
+        assert len(ann["caption_scores"]) == len(s.captions)
+        assert all(isinstance(x, float) for x in ann["region_tag_scores"])
+    # A saved checkpoint is trusted: the same thresholds now drop every region and caption.
+    trained, samples = run("trained", _tiny_model_dir(tmp_path))
+    fc = trained["filter_counts"]
+    assert fc["kept_regions"] == 0
+    assert fc["region_tag_score"] == base["filter_counts"]["kept_regions"]
+    assert fc["caption_score"] > 0
+    assert all(s.caption_sources in ([], ["input"]) for s in samples.values())
+
+
+def test_umgclip_vocab_embeddings_cached_per_weights_and_vocab(tmp_path: Path) -> None:
+    from umgclip.annotate.backends.umgclip_backend import UMGCLIPBackend
+    from umgclip.annotate.text_cache import _MEMORY, module_fingerprint
+
+    _MEMORY.clear()  # other tests of this process built the same seeded weights
+    cache = tmp_path / "cache"
+    model = _tiny_model_dir(tmp_path)
+    vocab = ["red square", "green field", "gray wall"]
+    a = UMGCLIPBackend(model, vocabulary=vocab, bf16=False, text_cache=str(cache))
+    emb = a._vocab()
+    # Independent: encode the prompts directly.
+    direct = a.encode_texts([f"a photo of a {v}." for v in vocab])
+    torch.testing.assert_close(emb, direct)
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    _MEMORY.clear()  # as in a fresh process (another Ray actor)
+    b = UMGCLIPBackend(model, vocabulary=vocab, bf16=False, text_cache=str(cache))
+    b.encode_texts = None  # type: ignore[assignment]  # must come from the disk cache
+    torch.testing.assert_close(b._vocab(), emb)
+    # Another vocabulary, or other weights, is another entry.
+    c = UMGCLIPBackend(model, vocabulary=vocab[:2], bf16=False, text_cache=str(cache))
+    assert c._vocab().shape[0] == 2 and len(list(cache.glob("*.safetensors"))) == 2
+    fp = module_fingerprint(c.model)
+    with torch.no_grad():
+        next(c.model.parameters()).add_(1e-3)
+    assert module_fingerprint(c.model) != fp
+    # A corrupt cache file is ignored and rewritten, not a crash.
+    for f in cache.glob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    _MEMORY.clear()
+    d = UMGCLIPBackend(model, vocabulary=vocab, bf16=False, text_cache=str(cache))
+    torch.testing.assert_close(d._vocab(), emb)

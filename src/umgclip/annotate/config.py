@@ -54,6 +54,10 @@ class RayConfig:
     concurrency: int = 1
     #: Per-slot actor pool size overrides, e.g. ``{detector: 2}``.
     slot_concurrency: dict[str, int] = field(default_factory=dict)
+    #: CPUs each stage actor reserves; ``null``: the cluster's CPUs shared evenly by all
+    #: actors, so every pool can start (one whole CPU per actor would leave later stages
+    #: waiting for resources on a small machine).
+    actor_cpus: float | None = None
 
 
 @dataclass

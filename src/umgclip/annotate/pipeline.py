@@ -410,13 +410,18 @@ class RayExecutor:
         blocks = max(1, -(-len(items) // self.cfg.batch_size))
         ds = ray.data.from_items([it.to_row() for it in items], override_num_blocks=blocks)
         cfg_dict = to_dict(self.cfg)
-        for slot in self.slots or ["tagger"]:
-            n = self.cfg.ray.slot_concurrency.get(slot, self.cfg.ray.concurrency)
+        slots = self.slots or ["tagger"]
+        pools = {s: self.cfg.ray.slot_concurrency.get(s, self.cfg.ray.concurrency) for s in slots}
+        cpus = self.cfg.ray.actor_cpus
+        if cpus is None:
+            cpus = float(ray.cluster_resources().get("CPU", 1.0)) / max(1, sum(pools.values()))
+        for slot in slots:
             ds = ds.map_batches(
                 _RayStage,
                 fn_constructor_args=(cfg_dict, slot),
                 batch_size=self.cfg.batch_size,
-                concurrency=n,
+                concurrency=pools[slot],
+                num_cpus=cpus,
                 batch_format="numpy",
             )
         done = [WorkItem.from_row(r) for r in ds.take_all()]

@@ -84,6 +84,7 @@ def cached_text_embeddings(
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             os.close(fd)
             save_file({"emb": emb}, tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should be readable
             os.replace(tmp, path)
         except OSError as e:  # a read-only home must not stop annotation
             log.warning("could not write text cache %s: %s", path, e)
