@@ -407,7 +407,7 @@ def test_imagenet_region_labeller_names_coco_gt_boxes(region_labeller, imported_
     assert sum(map(len, truth)) >= 6
     pred = region_labeller.label_regions(ims, boxes)
     hits = [bool(p) and p[0].name == t for ps, ts in zip(pred, truth) for p, t in zip(ps, ts)]
-    # Chance over the 55 mapped names is < 0.02.
+    # Chance over the 59 mapped names is < 0.02 (README: 0.40 on all 201 mapped val boxes).
     assert np.mean(hits) >= 0.5, (truth, [[p[0].name if p else None for p in ps] for ps in pred])
 
 
