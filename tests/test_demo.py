@@ -71,6 +71,16 @@ def test_demo_smoke_and_reuse(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert said.count("reusing") >= 9  # data + 4 runs + 4 evaluations
     assert "train umg seed 0: 2 steps" not in said
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # A changed config is not reused: that model is retrained and re-evaluated, the other kept.
+    umg.write_text(MICRO.format(w=0.5, t=0.25))
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "train umg seed 0: the config changed" in said
+    assert "train umg seed 0: 2 steps" in said and "train clip seed 0: reusing" in said
+    after = {p: p.stat().st_mtime_ns for p in mtimes}
+    assert after[out / "eval" / "umg-seed0.json"] != mtimes[out / "eval" / "umg-seed0.json"]
+    assert after[out / "eval" / "clip-seed0.json"] == mtimes[out / "eval" / "clip-seed0.json"]
 
 
 def test_demo_without_data_says_where_it_looked(

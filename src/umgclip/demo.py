@@ -86,13 +86,20 @@ def train_run(
     from umgclip.train.pretrain import train
 
     final = run_dir / "final"
+    overrides = [f"seed={seed}", f"output_dir={run_dir}", f"data.shards={shards}", *extra]
+    cfg = load_config(PretrainConfig, config, overrides)
+    if run_dir.exists() and not fresh and not _same_config(cfg, run_dir / "config.yaml"):
+        # A finished (or half-finished) run of another config is not this run: reusing it
+        # would report stale numbers, resuming it would mix two schedules.
+        _say(
+            f"train {name} seed {seed}: the config changed since {run_dir} was trained; retraining"
+        )
+        fresh = True
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     if (final / "config.json").is_file():
         _say(f"train {name} seed {seed}: reusing {final}")
         return final
-    overrides = [f"seed={seed}", f"output_dir={run_dir}", f"data.shards={shards}", *extra]
-    cfg = load_config(PretrainConfig, config, overrides)
     resume = (
         "latest"
         if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
@@ -108,6 +115,26 @@ def train_run(
     return final
 
 
+def _same_config(cfg: Any, saved: Path) -> bool:
+    """Whether ``saved`` (a run's ``config.yaml``) holds exactly the resolved ``cfg``."""
+    import yaml
+
+    from umgclip.config import to_dict
+
+    if not saved.is_file():
+        return False
+    now = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=True))
+    return yaml.safe_load(saved.read_text()) == now
+
+
+def _fresher(out: Path, model_dir: Path) -> bool:
+    """Whether the cached result ``out`` was written after the model it describes."""
+    weights = model_dir / "model.safetensors"
+    return out.is_file() and (
+        not weights.is_file() or out.stat().st_mtime >= weights.stat().st_mtime
+    )
+
+
 def eval_run(
     name: str,
     seed: int,
@@ -121,7 +148,7 @@ def eval_run(
     from umgclip.eval.evaluate import EvalConfig, evaluate
     from umgclip.model.registry import load_model
 
-    if out.is_file() and not fresh:
+    if _fresher(out, model_dir) and not fresh:
         _say(f"eval {name} seed {seed}: reusing {out}")
         return json.loads(out.read_text())
     _say(f"eval {name} seed {seed}: val split")
@@ -160,7 +187,7 @@ def overlays(models: dict[str, Path], shards: Path, out_dir: Path, fresh: bool) 
         gt = [r for r in s.sample.regions if r.kind == "thing" and not r.iscrowd][:6]
         boxes = [r.box for r in gt]
         rows.append({"key": s.sample.key, "png": png, "gt": [r.tags[:1] for r in gt]})
-        if png.is_file() and not fresh:
+        if not fresh and all(_fresher(png, m) for m in models.values()):
             continue
         _say(f"overlay {s.sample.key}")
         fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 5.2), dpi=100)
