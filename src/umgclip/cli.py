@@ -57,7 +57,41 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _user_errors() as e:
+        # A user's mistake (a config typo, a missing file, a bad image or box) gets one clear
+        # line, not a 30-line traceback; --verbose keeps the traceback for bug reports.
+        if args.verbose:
+            raise
+        print(f"umgclip {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input rather than a bug in umgclip."""
+    import json
+
+    from umgclip.config import ConfigError
+    from umgclip.data.images import ImageDecodeError
+    from umgclip.data.schema import SchemaError
+
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        SchemaError,
+        ImageDecodeError,
+        FileNotFoundError,
+        NotADirectoryError,
+        json.JSONDecodeError,
+    ]
+    try:  # model-side errors, when the model package imports (it needs torch)
+        from umgclip.model.io import CheckpointError
+        from umgclip.model.regions import BoxError
+        from umgclip.train.checkpoint import CheckpointError as TrainCheckpointError
+
+        errors += [CheckpointError, BoxError, TrainCheckpointError]
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,15 @@ def show_sample(
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def figure_size(
+    width: int, height: int, base: float = 7.0, extra: float = 0.6
+) -> tuple[float, float]:
+    """A matplotlib figure size for an image: ``base`` inches on the long side, the short side
+    kept at least a fifth of it. Extreme aspect ratios (a 1x1000 image) would otherwise ask for a
+    canvas thousands of inches long and tens of GB of memory."""
+    ratio = min(max(height / max(width, 1), 0.2), 5.0)
+    if ratio <= 1:
+        return base, base * ratio + extra
+    return base / ratio, base + extra

@@ -55,6 +55,8 @@ def draw_panoptic(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
+    from umgclip.viz import figure_size
+
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     over = rgb.copy()
     cmap = plt.get_cmap("tab20")
@@ -65,7 +67,7 @@ def draw_panoptic(
         over[m] = (1 - alpha) * rgb[m] + alpha * color
         label = f"{s['name']} ({s['score']:.2f})" if "score" in s else s["name"]
         handles.append(Patch(color=color, label=label))
-    fig, ax = plt.subplots(figsize=(8, 8 * image.height / max(image.width, 1) + 0.5))
+    fig, ax = plt.subplots(figsize=figure_size(image.width, image.height, base=8.0, extra=0.5))
     ax.imshow(over)
     ax.axis("off")
     if handles:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from umgclip.viz import distinct_colors, plt
+from umgclip.viz import distinct_colors, figure_size, plt
 
 
 def draw_prediction(
@@ -39,7 +39,7 @@ def draw_prediction(
     own = ax is None
     if own:
         h, w = label_map.shape
-        fig, ax = plt.subplots(figsize=(7, 7 * h / w + 0.6), dpi=110)
+        fig, ax = plt.subplots(figsize=figure_size(w, h), dpi=110)
     ax.imshow(canvas)
     for b in result.get("boxes", []):
         if b.get("label") is None:
