@@ -48,3 +48,14 @@ def test_c03_overlay_of_1x1000_image_is_small(tmp_path: Path) -> None:
     draw_prediction(img, {"tags": [], "boxes": [], "labels": ["sky"]}, label_map, out=out)
     with Image.open(out) as im:
         assert im.width * im.height < 4_000_000
+
+
+def test_umgclip_data_env_var_is_authoritative(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, coco_root: Path
+) -> None:
+    from umgclip.paths import find_coco_mg
+
+    monkeypatch.setenv("UMGCLIP_DATA", str(tmp_path / "nowhere"))
+    assert find_coco_mg() is None  # not silently the ../shared/data copy
+    monkeypatch.setenv("UMGCLIP_DATA", str(coco_root.parent))
+    assert find_coco_mg() == coco_root.resolve()

@@ -27,8 +27,13 @@ def data_roots() -> list[Path]:
 
 
 def find_coco_mg() -> Path | None:
-    """The coco_mg folder (or a COCO-layout folder named by $UMGCLIP_DATA), or None."""
-    for root in data_roots():
+    """The coco_mg folder (or a COCO-layout folder named by $UMGCLIP_DATA), or None.
+
+    When $UMGCLIP_DATA is set, only it is searched: a user who names a data folder must not get
+    another one silently.
+    """
+    roots = [Path(os.environ[ENV_VAR]).resolve()] if os.environ.get(ENV_VAR) else data_roots()
+    for root in roots:
         for cand in (root / "coco_mg", root):
             if (cand / "annotations" / "captions.json").is_file() and (cand / "images").is_dir():
                 return cand
