@@ -754,3 +754,19 @@ def test_umgclip_vocab_embeddings_cached_per_weights_and_vocab(tmp_path: Path) -
     _MEMORY.clear()
     d = UMGCLIPBackend(model, vocabulary=vocab, bf16=False, text_cache=str(cache))
     torch.testing.assert_close(d._vocab(), emb)
+
+
+def test_c01_folder_bmp_tif_gif_inputs_become_readable_png(tmp_path: Path) -> None:
+    from umgclip.annotate.pipeline import iter_inputs
+    from umgclip.data.images import decode_image
+
+    arr = np.random.default_rng(0).integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    for ext in ("bmp", "tif", "gif", "jpg"):
+        Image.fromarray(arr).save(tmp_path / f"im_{ext}.{ext}")
+    got = {r.key: r.members for r in iter_inputs(tmp_path)}
+    assert set(got) == {"im_bmp", "im_tif", "im_gif", "im_jpg"}
+    assert set(got["im_jpg"]) == {"jpg"}
+    for key in ("im_bmp", "im_tif"):  # lossless formats: pixel-exact after re-encoding
+        assert set(got[key]) == {"png"}
+        assert np.array_equal(np.asarray(decode_image(got[key]["png"], key=key)), arr)
+    assert decode_image(got["im_gif"]["png"], key="im_gif").size == (20, 12)

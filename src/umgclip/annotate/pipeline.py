@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from umgclip.annotate.annotators import Detections
@@ -76,13 +78,35 @@ def iter_inputs(path: str | Path, split: str | None = None) -> Iterator[RawSampl
             if key in seen:  # a.jpg and a.png: keep both, distinguishable
                 key = f"{key}_{f.suffix.lower().lstrip('.')}"
             seen.add(key)
-            members = {f.suffix.lower().lstrip("."): f.read_bytes()}
+            members = _image_member(f)
             txt = f.with_suffix(".txt")
             if txt.is_file():
                 members["txt"] = txt.read_bytes()
             yield RawSample(key=key, members=members, shard=str(p))
     else:
         yield from iter_raw_samples(list_shards(p, split=split))
+
+
+_REENCODE_MAX_PIXELS = 100_000_000
+
+
+def _image_member(f: Path) -> dict[str, bytes]:
+    """``{ext: bytes}`` for an image file. Formats our shards do not carry (bmp, tif, gif) are
+    re-encoded losslessly as PNG so the annotated shards stay readable by the default reader;
+    a file that does not decode is passed on as is and reported as a bad image downstream."""
+    ext = f.suffix.lower().lstrip(".")
+    data = f.read_bytes()
+    if ext in ReadKeys().image:
+        return {ext: data}
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > _REENCODE_MAX_PIXELS:  # leave bombs to decode_image's guard
+                return {"png": data}
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+        return {"png": buf.getvalue()}
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return {"png": data}
 
 
 # ------------------------------------------------------------------------------ work items
