@@ -120,7 +120,31 @@ def test_predict_cli_maps_boxes_to_original_pixels(tiny_model_dir: Path, tmp_pat
         assert b["label"] in r["labels"]
         assert b["box_used"] == pytest.approx(given, abs=0.05)
     assert r["boxes"][2]["label"] is None  # wholly outside: reported, not silently moved
+    assert r["boxes"][2]["error"] == "outside the image"
     assert math.isclose(sum(r["segmentation"].values()), 1.0, abs_tol=1e-3)
+
+
+def test_c17_predict_reports_each_bad_box_and_labels_the_rest(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from umgclip.eval.predict import predict
+    from umgclip.model.registry import load_model
+
+    img = Image.new("RGB", (120, 60), (30, 120, 200))
+    boxes = [
+        [10.0, 10.0, 50.0, 50.0],
+        [float("nan"), 0.0, 5.0, 5.0],
+        [50.0, 10.0, 10.0, 50.0],
+        [20.0, 20.0, 20.0, 40.0],
+        [60.0, 5.0, 118.0, 55.0],
+    ]
+    r = predict(load_model(tiny_model_dir), img, ["red", "blue"], boxes).result
+    errors = [b.get("error") for b in r["boxes"]]
+    assert errors[1].startswith("NaN") and errors[2].startswith("inverted")
+    assert errors[3] == "zero-area box"
+    # The good boxes around the bad ones are labelled, from their own place in the image.
+    assert [b["label"] is not None for b in r["boxes"]] == [True, False, False, False, True]
+    assert r["boxes"][4]["box_used"] == pytest.approx(boxes[4], abs=0.05)
 
 
 def test_eval_cli_rejects_a_non_model_folder(tmp_path: Path) -> None:

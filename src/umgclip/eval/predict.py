@@ -8,6 +8,7 @@ through the same preprocessing geometry as the image and the results map back.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,21 @@ def parse_labels(text: str) -> list[str]:
     if not out:
         raise ValueError("--labels needs at least one non-empty label, e.g. 'cat,dog,sky'")
     return out
+
+
+def _box_problem(box: Sequence[float], size: tuple[int, int]) -> str | None:
+    """Why a box (xyxy, original pixels) cannot be labelled, or None when it can."""
+    x0, y0, x1, y1 = box
+    if not all(math.isfinite(v) for v in box):
+        return "NaN or infinite coordinate"
+    if x1 < x0 or y1 < y0:
+        return "inverted box (x1 < x0 or y1 < y0; xyxy expected)"
+    if x1 == x0 or y1 == y0:
+        return "zero-area box"
+    w, h = size
+    if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+        return "outside the image"
+    return None
 
 
 def read_boxes(path: str | Path) -> list[list[float]]:
@@ -92,11 +108,18 @@ def predict(
         "boxes": [],
     }
     if boxes:
-        b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        if not torch.isfinite(b).all():
-            raise ValueError("boxes contain NaN or infinite coordinates")
-        t = prepare(image, dense_preprocess(model), b)
-        kept = set(t.keep.tolist())
+        given = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        # Each unusable box is reported with its own reason and the others still get labels
+        # (C17): never a whole-run failure for one bad row, never a feature from the wrong place.
+        reasons = [_box_problem(row, image.size) for row in given.tolist()]
+        usable = [i for i, r in enumerate(reasons) if r is None]
+        t = prepare(image, dense_preprocess(model), given[usable])
+        kept_local = set(t.keep.tolist())
+        kept = {usable[j] for j in kept_local}
+        for j, i in enumerate(usable):
+            if j not in kept_local:
+                reasons[i] = "too little of it is visible after preprocessing"
+        b = given
         emb: list[torch.Tensor] = []
         if len(t.boxes):
             with ctx.autocast():
@@ -106,7 +129,7 @@ def predict(
         backs = iter(back.tolist())
         for i, orig in enumerate(b.tolist()):
             if i not in kept:
-                result["boxes"].append({"box": orig, "label": None, "error": "outside the image"})
+                result["boxes"].append({"box": orig, "label": None, "error": reasons[i]})
                 continue
             e = torch.nn.functional.normalize(next(rows), dim=-1)
             c = e @ cls.T
