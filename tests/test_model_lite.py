@@ -99,6 +99,11 @@ def test_c06_c07_hf_truncation_and_empty(lite):
     strict = HFTokenizer(tok._tok.name_or_path, 64, truncate=False)
     with pytest.raises(ValueError, match=r"text 0 has \d+ tokens"):
         strict([digits])
+    # One 500-digit "word" is word pieces filling the context, not a lone [UNK].
+    long_word = tok(["1" * 500])[0]
+    unk = tok._tok.unk_token_id
+    assert (long_word != tok.pad_token_id).all() and long_word[-1] == tok.eot_token_id
+    assert unk not in long_word.tolist()
 
 
 def test_c08_hf_context_length_mismatch(lite):

@@ -79,6 +79,11 @@ class HFTokenizer:
 
         _offline()
         self._tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        model = getattr(getattr(self._tok, "backend_tokenizer", None), "model", None)
+        if hasattr(model, "max_input_chars_per_word"):
+            # WordPiece maps any "word" over 100 characters to a single [UNK] (a 500-digit
+            # number becomes one token): split it into word pieces like any other word (C06).
+            model.max_input_chars_per_word = 1_000_000
         limit = self._tok.model_max_length
         if context_length < 2 or (limit and context_length > limit):
             raise ValueError(
