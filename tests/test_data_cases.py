@@ -347,3 +347,37 @@ def test_c04_corrupt_jpeg_in_shard_skipped_counted(tmp_path: Path, caplog) -> No
     assert skips.counts["bad_image"] == 2
     assert "'b'" in caplog.text and "'c'" in caplog.text
     assert skips.summary().startswith("skipped 2 samples")
+
+
+def test_c21_img2dataset_shards_without_split_names_read_with_default_config(tmp_path) -> None:
+    import io as _io
+    import tarfile as _tarfile
+
+    from PIL import Image as _Image
+
+    from umgclip.config import PreprocessConfig
+    from umgclip.data.loader import DataConfig, build_loader
+    from umgclip.data.shards import list_shards
+
+    d = tmp_path / "i2d"
+    d.mkdir()
+    with _tarfile.open(d / "00000.tar", "w") as tar:
+        for i in range(3):
+            buf = _io.BytesIO()
+            _Image.new("RGB", (32, 24), (10 * i, 50, 90)).save(buf, format="JPEG")
+            for name, data in ((f"{i:05d}.jpg", buf.getvalue()), (f"{i:05d}.txt", b"a caption")):
+                info = _tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, _io.BytesIO(data))
+    # DataConfig's default split is "train": shards with no split name are all used.
+    assert list_shards(d, "train") == [d / "00000.tar"]
+    assert list_shards(d / "00000.tar", "val") == [d / "00000.tar"]
+    batch = next(
+        iter(build_loader(DataConfig(shards=str(d), batch_size=3), PreprocessConfig(size=32)))
+    )
+    assert batch.images.shape == (3, 3, 32, 32) and batch.captions == ["a caption"] * 3
+    # A split-organised folder still filters, and a missing split is an error.
+    (d / "00000.tar").rename(d / "train-000000.tar")
+    assert list_shards(d, "train") == [d / "train-000000.tar"]
+    with pytest.raises(FileNotFoundError, match="split 'val'"):
+        list_shards(d, "val")

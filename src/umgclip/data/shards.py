@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -233,19 +234,36 @@ class DecodedSample:
 
 
 def list_shards(dir_or_glob: str | Path, split: str | None = None) -> list[Path]:
-    """Sorted ``.tar`` shards in a folder (optionally only ``{split}-*.tar``) or matching a glob."""
+    """Sorted ``.tar`` shards in a folder (optionally only ``{split}-*.tar``) or matching a glob.
+
+    The split filter applies to split-organised folders (``train-*.tar``, ``val-*.tar``, as
+    ``umgclip data import-coco`` writes). Shards that carry no split name at all (img2dataset's
+    ``00000.tar``) are all used, with a log line saying so; a single ``.tar`` named explicitly is
+    always used as given.
+    """
     p = Path(dir_or_glob)
+    if p.is_file():
+        return [p]
     if p.is_dir():
-        pattern = f"{split}-*.tar" if split else "*.tar"
-        paths = sorted(p.glob(pattern))
+        paths = sorted(p.glob("*.tar"))
     else:
-        paths = sorted(Path(x) for x in glob.glob(str(dir_or_glob)))
-        if split:
-            paths = [x for x in paths if x.name.startswith(f"{split}-")]
+        paths = sorted(Path(x) for x in glob.glob(str(dir_or_glob)) if x.endswith(".tar"))
+    if split and paths:
+        named = [x for x in paths if _SPLIT_NAME.match(x.name)]
+        if named:
+            paths = [x for x in named if x.name.startswith(f"{split}-")]
+        else:
+            log.info(
+                "%s: shards carry no split name; using all %d for split %r", p, len(paths), split
+            )
     if not paths:
         what = f"split {split!r} shards" if split else "shards"
         raise FileNotFoundError(f"no {what} (*.tar) found at {dir_or_glob}")
     return paths
+
+
+#: ``{split}-NNNNNN...tar``: how split-organised shard folders name their shards.
+_SPLIT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*-\d+(?:-\d+)*\.tar$")
 
 
 def _first(members: dict[str, bytes], exts: Iterable[str]) -> tuple[str, bytes] | None:
