@@ -24,6 +24,11 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
+def __dir__() -> list[str]:
+    # Lazy attributes still show up in dir() and tab completion.
+    return sorted({*globals(), *_LAZY})
+
+
 def __getattr__(name: str) -> Any:
     # Lazy so that `import umgclip` (and the data CLI) stays fast and torch-model free.
     if name in _LAZY:

@@ -94,6 +94,14 @@ def import_coco(
     assert cap is not None
     inst = _load(inst_path, "instances") if (instances or inst_path.is_file()) else None
     pan = _load(pan_path, "panoptic") if (panoptic or pan_path.is_file()) else None
+    # Allowed (a captions-only import is valid), but never silent: it changes everything
+    # downstream (no regions, no region losses, no segmentation metrics).
+    if inst is None:
+        log.warning("no instances file at %s: importing without boxes or instance masks", inst_path)
+    if pan is None:
+        log.warning(
+            "no panoptic file at %s: importing without stuff regions or panoptic maps", pan_path
+        )
     if not img_dir.is_dir():
         raise FileNotFoundError(f"COCO image folder not found: {img_dir}")
 
