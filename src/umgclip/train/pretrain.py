@@ -410,6 +410,13 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
     metrics = MetricsWriter(run_dir, dinfo.is_main, resume_step=step)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
+    def save_checkpoint(at_step: int) -> None:
+        # Reads the loop's current skip counts when called (a closure, not a snapshot).
+        _checkpoint(
+            cfg, run_dir, dinfo, model, optimizer, sched, stream, at_step,
+            skipped_samples, term_skips, metrics,
+        )  # fmt: skip
+
     bar = None
     if dinfo.is_main and cfg.progress:
         from tqdm.auto import tqdm
@@ -467,35 +474,11 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
         if bar is not None:
             bar.update(1)
         if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < n_total:
-            _checkpoint(
-                cfg,
-                run_dir,
-                dinfo,
-                model,
-                optimizer,
-                sched,
-                stream,
-                step,
-                skipped_samples,
-                term_skips,
-                metrics,
-            )
+            save_checkpoint(step)
 
     if bar is not None:
         bar.close()
-    _checkpoint(
-        cfg,
-        run_dir,
-        dinfo,
-        model,
-        optimizer,
-        sched,
-        stream,
-        step,
-        skipped_samples,
-        term_skips,
-        metrics,
-    )
+    save_checkpoint(step)
     if dinfo.is_main:
         final = run_dir / "final"
         tmp = run_dir / ".final.tmp"
