@@ -147,6 +147,11 @@ def test_c17_predict_reports_each_bad_box_and_labels_the_rest(
     assert r["boxes"][4]["box_used"] == pytest.approx(boxes[4], abs=0.05)
 
 
-def test_eval_cli_rejects_a_non_model_folder(tmp_path: Path) -> None:
+def test_eval_cli_rejects_a_non_model_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["eval", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "not a saved umgclip model" in capsys.readouterr().err
+    # --verbose keeps the exception (and its traceback) for bug reports.
     with pytest.raises(FileNotFoundError, match="not a saved umgclip model"):
-        main(["eval", str(tmp_path), "--data", str(tmp_path)])
+        main(["-v", "eval", str(tmp_path), "--data", str(tmp_path)])
