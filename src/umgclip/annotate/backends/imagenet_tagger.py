@@ -21,7 +21,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from umgclip.annotate.annotators import ImageTagger, RegionLabeller, Tag
-from umgclip.annotate.backends.transformers_hf import crop_boxes
+from umgclip.annotate.backends.transformers_hf import crop_boxes, tag_box_crops
 from umgclip.annotate.vocab import imagenet_to_coco
 
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x - 127) / 128), not the usual
@@ -119,11 +119,7 @@ class ImageNetTagger(ImageTagger, RegionLabeller):
     def label_regions(
         self, images: list[Image.Image], boxes: list[np.ndarray]
     ) -> list[list[list[Tag]]]:
-        out = []
-        for im, b in zip(images, boxes):
-            crops = crop_boxes(im, b)
-            out.append(self._tags(self.probabilities(crops)) if crops else [])
-        return out
+        return tag_box_crops(images, boxes, lambda c: self._tags(self.probabilities(c)))
 
 
 def context_square_boxes(boxes: np.ndarray, width: int, height: int, context: float) -> np.ndarray:

@@ -16,6 +16,7 @@ autocast is only fast outside ``inference_mode``).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,19 @@ def crop_boxes(image: Image.Image, boxes: np.ndarray, min_side: int = 2) -> list
         r, b = max(r, min(w, x_lo + min_side)), max(b, min(h, t + min_side))
         crops.append(image.crop((x_lo, t, r, b)))
     return crops
+
+
+def tag_box_crops(
+    images: list[Image.Image],
+    boxes: list[np.ndarray],
+    tag_crops: Callable[[list[Image.Image]], list[list[Tag]]],
+) -> list[list[list[Tag]]]:
+    """Region labels by tagging each box's crop: per image, per box, its tags."""
+    out = []
+    for im, b in zip(images, boxes):
+        crops = crop_boxes(im, b)
+        out.append(tag_crops(crops) if crops else [])
+    return out
 
 
 class HFOwlDetector(RegionDetector):
@@ -300,11 +314,7 @@ class HFClipScorer(ImageTagger, RegionLabeller, Scorer):
     def label_regions(
         self, images: list[Image.Image], boxes: list[np.ndarray]
     ) -> list[list[list[Tag]]]:
-        out = []
-        for im, b in zip(images, boxes):
-            crops = crop_boxes(im, b)
-            out.append(self._tags(self.encode_images(crops), self.topk) if crops else [])
-        return out
+        return tag_box_crops(images, boxes, lambda c: self._tags(self.encode_images(c), self.topk))
 
     def image_text(self, images: list[Image.Image], texts: list[list[str]]) -> list[np.ndarray]:
         out = []
